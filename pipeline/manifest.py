@@ -1,0 +1,272 @@
+"""The job spec: a YAML manifest validated once, at the edge, into dataclasses.
+
+Nothing below this module reads raw dicts. Every error names the file and the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LANGUAGES = ("en", "zh")
+ZH_MODES = ("translate", "direct", "mt")
+ZH_VARIANTS = ("zh-Hans", "zh-Hant", "zh-TW", "zh-HK")
+DTYPES = ("float32", "bfloat16", "float16")
+DECODE_MODES = ("thread", "process")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot run: the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str
+    lora_alpha: float = 4.0
+    dtype: str = "bfloat16"
+    device: str = "auto"  # "auto": cuda when the actor holds a GPU, else cpu
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    # None means the default wording of the model family's template (model/prompts.py).
+    en: str | None = None
+    zh_direct: str | None = None
+    zh_translate: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    max_new_tokens: int = 400
+    repetition_penalty: float | None = None
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class ZhSpec:
+    mode: str = "translate"
+    variant: str = "zh-Hans"
+    max_new_tokens: int = 400
+    mt_model: str | None = None  # local directory of a seq2seq en->zh model, for mode "mt"
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    workers: int = 2
+    max_ahead: int = 16
+    mode: str = "process"
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    actors: int | None = None  # None: one per GPU in the cluster (or a CPU count when there are none)
+    num_gpus_per_actor: float = 1.0
+    num_cpus_per_actor: float = 2.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    shards: list[str]
+    output: str
+    model: ModelSpec
+    name: str = "recaption"
+    languages: list[str] = field(default_factory=lambda: ["en", "zh"])
+    prompts: PromptSpec = field(default_factory=PromptSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    zh: ZhSpec = field(default_factory=ZhSpec)
+    decode: DecodeSpec = field(default_factory=DecodeSpec)
+    resources: ResourceSpec = field(default_factory=ResourceSpec)
+    chunk_size: int = 256
+    max_attempts: int = 3
+    source: str = "<dict>"  # where it was read from; not part of the spec itself
+
+    def replace(self, **changes: Any) -> Manifest:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: manifest is not UTF-8 text") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path}: not valid YAML: {e}") from None
+    return manifest_from_dict(raw, source=str(path))
+
+
+def manifest_from_dict(raw: Any, *, source: str = "<dict>") -> Manifest:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{source}: a manifest must be a YAML mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    if isinstance(raw.get("shards"), str):
+        raw["shards"] = [raw["shards"]]
+    m = _build(Manifest, raw, source, prefix="", skip={"source"})
+    m = dataclasses.replace(m, source=source)
+    _check_values(m, source)
+    return m
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str, skip: frozenset | set = frozenset()) -> Any:
+    where = prefix.rstrip(".") or "manifest"
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{source}: field '{where}' must be a mapping, got {_tname(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ManifestError(
+            f"{source}: unknown field '{prefix}{unknown[0]}'"
+            f" (allowed in {where}: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ManifestError(f"{source}: missing required field '{prefix}{name}'")
+            continue
+        kwargs[name] = _coerce(hints[name], raw[name], source, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, source, name)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, source, prefix=f"{name}.")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ManifestError(f"{source}: field '{name}' must be a list, got {_tname(value)}")
+        return [_coerce(inner, v, source, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ManifestError(f"{source}: field '{name}' must be a number, got {_tname(value)}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ManifestError(f"{source}: field '{name}' must be an integer, got {_tname(value)}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ManifestError(f"{source}: field '{name}' must be a string, got {_tname(value)}")
+        return value
+    raise TypeError(f"unsupported manifest type {tp!r} for {name}")
+
+
+def _tname(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def _check_values(m: Manifest, source: str) -> None:
+    def bad(name: str, msg: str) -> ManifestError:
+        return ManifestError(f"{source}: field '{name}' {msg}")
+
+    if not m.shards or any(not s.strip() for s in m.shards):
+        raise bad("shards", "must name at least one shard (path, URL or brace range)")
+    if not m.output.strip():
+        raise bad("output", "must not be empty")
+    if not m.model.path.strip():
+        raise bad("model.path", "must not be empty")
+    for name, value, allowed in [
+        ("model.dtype", m.model.dtype, DTYPES),
+        ("zh.mode", m.zh.mode, ZH_MODES),
+        ("zh.variant", m.zh.variant, ZH_VARIANTS),
+        ("decode.mode", m.decode.mode, DECODE_MODES),
+    ]:
+        if value not in allowed:
+            raise bad(name, f"is {value!r}; allowed: {', '.join(allowed)}")
+    if not m.languages or any(lang not in LANGUAGES for lang in m.languages) or "en" not in m.languages:
+        raise bad("languages", f"is {m.languages!r}; allowed: [en] or [en, zh]")
+    if len(set(m.languages)) != len(m.languages):
+        raise bad("languages", "lists a language twice")
+    if m.model.lora_alpha < 0:
+        raise bad("model.lora_alpha", f"must be >= 0, got {m.model.lora_alpha}")
+    positive = [
+        ("generation.max_new_tokens", m.generation.max_new_tokens),
+        ("generation.batch_size", m.generation.batch_size),
+        ("zh.max_new_tokens", m.zh.max_new_tokens),
+        ("decode.workers", m.decode.workers),
+        ("decode.max_ahead", m.decode.max_ahead),
+        ("decode.timeout_s", m.decode.timeout_s),
+        ("chunk_size", m.chunk_size),
+        ("max_attempts", m.max_attempts),
+    ]
+    if m.resources.actors is not None:
+        positive.append(("resources.actors", m.resources.actors))
+    for name, value in positive:
+        if value <= 0:
+            raise bad(name, f"must be > 0, got {value}")
+    if m.resources.num_gpus_per_actor < 0 or m.resources.num_cpus_per_actor < 0:
+        raise bad("resources", "num_gpus_per_actor and num_cpus_per_actor must be >= 0")
+    if m.generation.repetition_penalty is not None and m.generation.repetition_penalty <= 0:
+        raise bad("generation.repetition_penalty", "must be > 0 or null")
+    if m.zh.mode == "mt" and "zh" in m.languages and not m.zh.mt_model:
+        raise bad("zh.mt_model", "is required when zh.mode is 'mt'")
+
+
+def fingerprint(m: Manifest, model_identity: str, prompt_version: str) -> tuple[str, dict[str, Any]]:
+    """Hash of everything that changes the captions; not shards, output, batch size or resources.
+
+    Returns the hex digest and the dict it was computed from (so a mismatch can say what differs).
+    """
+    parts = {
+        "model": model_identity,
+        "lora_alpha": m.model.lora_alpha,
+        "dtype": m.model.dtype,
+        "prompt_version": prompt_version,
+        "prompts": dataclasses.asdict(m.prompts),
+        "languages": list(m.languages),
+        "generation": {
+            "max_new_tokens": m.generation.max_new_tokens,
+            "repetition_penalty": m.generation.repetition_penalty,
+            "greedy": True,
+        },
+        "zh": dataclasses.asdict(m.zh) if "zh" in m.languages else None,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, parts
+
+
+def _absolute(path: str, base: Path) -> str:
+    if "://" in path or path.startswith("/"):
+        return path
+    return str((base / path).resolve()) if "{" not in path else str(base.resolve() / path)
+
+
+def resolve_paths(m: Manifest, base: str | Path) -> Manifest:
+    """Make local relative paths absolute, so actors (whose working directory differs) see the same files."""
+    base = Path(base)
+    model = dataclasses.replace(m.model, path=_absolute(m.model.path, base))
+    zh = m.zh if not m.zh.mt_model else dataclasses.replace(m.zh, mt_model=_absolute(m.zh.mt_model, base))
+    return dataclasses.replace(
+        m,
+        shards=[_absolute(s, base) for s in m.shards],
+        output=_absolute(m.output, base),
+        model=model,
+        zh=zh,
+    )

@@ -1,0 +1,207 @@
+"""Parquet output: the row schema, atomic chunk commits and the per-shard merge.
+
+Layout under OUT (DESIGN §6):
+    OUT/_job.json                     manifest + fingerprint + versions
+    OUT/data/{shard}.parquet          one file per finished shard (the dataset)
+    OUT/_progress/{shard}/chunk-*.parquet   committed chunks of an unfinished shard
+    OUT/_progress/{shard}.json        state per shard (a summary; chunks and data files are the truth)
+
+OUT may be a local directory or an object-store URI that pyarrow.fs understands (s3://...). On a local
+filesystem a commit is write-to-temp then rename; on an object store it is a single PUT, which is
+atomic by itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections import Counter
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+STATUSES = ("ok", "flagged", "source_failed", "decode_error", "error")
+FLAGS = ("empty", "echo", "repetition", "wrong_language", "truncated")
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("video_id", pa.string()),
+        ("url", pa.string()),
+        ("clip_start_s", pa.float64()),
+        ("clip_end_s", pa.float64()),
+        ("source_caption", pa.string()),
+        ("caption_en", pa.string()),
+        ("caption_zh", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("flags", pa.list_(pa.string())),
+        ("frame_indices", pa.list_(pa.int32())),
+        ("num_frames", pa.int32()),
+        ("fps", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("tokens_en", pa.int32()),
+        ("tokens_zh", pa.int32()),
+        ("model", pa.string()),
+        ("lora_alpha", pa.float64()),
+        ("prompt_version", pa.string()),
+    ]
+)
+COLUMNS = tuple(SCHEMA.names)
+
+META_CONFIG = b"pllava_recaption.config"
+META_FINGERPRINT = b"pllava_recaption.fingerprint"
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    for row in rows:
+        missing = set(COLUMNS) - set(row)
+        if missing:
+            raise ValueError(f"row {row.get('key')!r} lacks columns {sorted(missing)}")
+    return pa.Table.from_pylist([{c: row[c] for c in COLUMNS} for row in rows], schema=SCHEMA)
+
+
+class OutputStore:
+    """The job's output root, local or on an object store, with atomic writes."""
+
+    def __init__(self, root: str):
+        if "://" in root:
+            self.fs, self.root = pafs.FileSystem.from_uri(root)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(root)
+        self.uri = root
+        self.is_local = self.fs.type_name == "local"
+
+    # paths -------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def data_path(self, shard: str) -> str:
+        return self.path("data", f"{shard}.parquet")
+
+    def chunk_dir(self, shard: str) -> str:
+        return self.path("_progress", shard)
+
+    def state_path(self, shard: str) -> str:
+        return self.path("_progress", f"{shard}.json")
+
+    # primitive operations ----------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            with open(tmp, "rb+") as f:  # durable before it becomes visible
+                os.fsync(f.fileno())
+            self.fs.move(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as f:  # one object, visible only when complete
+                f.write(data)
+
+    def read_bytes(self, path: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def list_files(self, directory: str, suffix: str = "") -> list[str]:
+        selector = pafs.FileSelector(directory, allow_not_found=True)
+        infos = self.fs.get_file_info(selector)
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+    def delete(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    def delete_dir(self, path: str) -> None:
+        try:
+            self.fs.delete_dir(path)
+        except FileNotFoundError:
+            pass
+
+    def read_json(self, path: str) -> Any | None:
+        data = self.read_bytes(path)
+        return None if data is None else json.loads(data)
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    # chunks and shards -------------------------------------------------------------------------
+    def commit_chunk(self, shard: str, rows: list[dict[str, Any]], attempt: int) -> str:
+        """Write rows as one chunk, atomically. Once this returns, these keys are done."""
+        path = f"{self.chunk_dir(shard)}/chunk-{attempt:03d}-{uuid.uuid4().hex}.parquet"
+        self.write_atomic(path, _parquet_bytes(rows_to_table(rows)))
+        return path
+
+    def chunk_paths(self, shard: str) -> list[str]:
+        return self.list_files(self.chunk_dir(shard), ".parquet")
+
+    def committed_keys(self, shard: str) -> set[str]:
+        keys: set[str] = set()
+        for path in self.chunk_paths(shard):
+            keys.update(self._read_table(path, columns=["key"]).column("key").to_pylist())
+        return keys
+
+    def is_finished(self, shard: str) -> bool:
+        return self.exists(self.data_path(shard))
+
+    def finalize_shard(self, shard: str, metadata: dict[bytes, bytes]) -> Counter:
+        """Merge the committed chunks, dedupe by key (first commit wins), write data/{shard}.parquet.
+
+        The data file is the completion marker; chunks are removed only after it exists, so a
+        crash anywhere in here leaves either the chunks or the finished file, never neither.
+        """
+        paths = self.chunk_paths(shard)
+        tables = [self._read_table(p) for p in paths]
+        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        table = dedupe_by_key(table)
+        table = table.replace_schema_metadata({**(SCHEMA.metadata or {}), **metadata})
+        self.write_atomic(self.data_path(shard), _parquet_bytes(table))
+        self.delete_dir(self.chunk_dir(shard))
+        return Counter(table.column("status").to_pylist())
+
+    def discard_leftover_chunks(self, shard: str) -> None:
+        """A finished shard whose chunk removal was interrupted: drop the now redundant chunks."""
+        if self.chunk_paths(shard):
+            self.delete_dir(self.chunk_dir(shard))
+
+    def _read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open_input_file(path) as f:
+            return pq.read_table(f, columns=columns, schema=None if columns else SCHEMA)
+
+
+def dedupe_by_key(table: pa.Table) -> pa.Table:
+    seen: set[str] = set()
+    keep = []
+    for i, key in enumerate(table.column("key").to_pylist()):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) == table.num_rows:
+        return table
+    return table.take(pa.array(keep, type=pa.int64()))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def status_counts(rows: Iterable[dict[str, Any]]) -> Counter:
+    return Counter(r["status"] for r in rows)

@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.manifest import ManifestError, fingerprint, load_manifest, manifest_from_dict, resolve_paths
+
+REPO = Path(__file__).resolve().parents[2]
+MINIMAL = {"shards": "s/{00000..00001}.tar", "output": "out", "model": {"path": "ckpt"}}
+
+
+def write(tmp_path, text: str) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_manifests_load():
+    demo = load_manifest(REPO / "manifests/demo.yaml")
+    assert demo.model.lora_alpha == 4.0 and demo.languages == ["en", "zh"]
+    real = load_manifest(REPO / "manifests/panda70m.yaml")
+    assert real.shards[0].startswith("s3://") and "{00000..09999}" in real.shards[0]
+    assert real.model.dtype == "bfloat16" and real.zh.mode == "translate"
+
+
+def test_defaults_and_single_shard_string():
+    m = manifest_from_dict(MINIMAL)
+    assert m.shards == ["s/{00000..00001}.tar"]
+    assert (m.model.lora_alpha, m.zh.variant, m.chunk_size, m.max_attempts) == (4.0, "zh-Hans", 256, 3)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, needle",
+    [
+        ("shards: a.tar\noutput: o\nmodel: {path: m}\nbatchsize: 3\n", "unknown field 'batchsize'"),
+        ("shards: a.tar\noutput: o\nmodel: {path: m, alpha: 4}\n", "unknown field 'model.alpha'"),
+        ("shards: a.tar\noutput: o\n", "missing required field 'model'"),
+        ("shards: a.tar\noutput: o\nmodel: {path: m, lora_alpha: four}\n", "'model.lora_alpha' must be a number"),
+        ("shards: a.tar\noutput: o\nmodel: {path: m}\ngeneration: {batch_size: 2.5}\n",
+         "'generation.batch_size' must be an integer"),
+        ("shards: a.tar\noutput: o\nmodel: {path: m}\ngeneration: {batch_size: 0}\n",
+         "'generation.batch_size' must be > 0"),
+        ("shards: a.tar\noutput: o\nmodel: {path: m}\nzh: {variant: zh-CN}\n", "'zh.variant' is 'zh-CN'"),
+        ("shards: a.tar\noutput: o\nmodel: {path: m}\nzh: {mode: mt}\n", "'zh.mt_model' is required"),
+        ("shards: a.tar\noutput: o\nmodel: {path: m}\nlanguages: [zh]\n", "'languages'"),
+        ("shards: [a.tar, 3]\noutput: o\nmodel: {path: m}\n", "'shards[1]' must be a string"),
+        ("- just\n- a list\n", "must be a YAML mapping"),
+        ("shards: a.tar\noutput: o\nmodel: {path: m}\nmax_attempts: true\n", "'max_attempts' must be an integer"),
+        ("shards: a.tar\n  bad: [indent\n", "not valid YAML"),
+    ],
+)
+def test_bad_manifests_name_file_and_field(tmp_path, yaml_text, needle):
+    p = write(tmp_path, yaml_text)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    assert str(p) in str(e.value)
+    assert needle in str(e.value)
+
+
+def test_yaml_tags_are_not_executed(tmp_path):
+    p = write(tmp_path, "shards: !!python/object/apply:os.system ['echo pwned']\noutput: o\nmodel: {path: m}\n")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifest(p)
+
+
+def test_fingerprint_tracks_what_changes_captions_only():
+    m = manifest_from_dict(MINIMAL)
+    base, _ = fingerprint(m, "tiny@abc", "v1")
+    same = manifest_from_dict({**MINIMAL, "output": "elsewhere", "generation": {"batch_size": 32},
+                               "resources": {"actors": 7}, "shards": "other.tar"})
+    assert fingerprint(same, "tiny@abc", "v1")[0] == base
+    for changed in [
+        manifest_from_dict({**MINIMAL, "model": {"path": "ckpt", "lora_alpha": 8}}),
+        manifest_from_dict({**MINIMAL, "generation": {"max_new_tokens": 100}}),
+        manifest_from_dict({**MINIMAL, "zh": {"variant": "zh-TW"}}),
+        manifest_from_dict({**MINIMAL, "prompts": {"en": "Describe."}}),
+    ]:
+        assert fingerprint(changed, "tiny@abc", "v1")[0] != base
+    assert fingerprint(m, "tiny@abd", "v1")[0] != base
+    assert fingerprint(m, "tiny@abc", "v2")[0] != base
+
+
+def test_resolve_paths_keeps_urls_and_absolutises_local(tmp_path):
+    m = manifest_from_dict({**MINIMAL, "shards": ["s3://b/{00000..00002}.tar", "local/{0..1}.tar", "/abs/x.tar"]})
+    r = resolve_paths(m, tmp_path)
+    assert r.shards == ["s3://b/{00000..00002}.tar", f"{tmp_path.resolve()}/local/{{0..1}}.tar", "/abs/x.tar"]
+    assert r.output == str(tmp_path.resolve() / "out") and r.model.path == str(tmp_path.resolve() / "ckpt")

@@ -1,0 +1,76 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.manifest import manifest_from_dict
+from pipeline.progress import FingerprintMismatch, JobIdentity, ensure_job, plan_shards, record_failure
+from pipeline.writing import COLUMNS, SCHEMA, OutputStore, rows_to_table
+
+
+def row(key: str, status: str = "ok", caption: str = "a cat") -> dict:
+    r = {c: None for c in COLUMNS}
+    r.update(key=key, shard="00000", status=status, caption_en=caption, flags=[], frame_indices=[0, 1],
+             num_frames=2, model="tiny", lora_alpha=4.0, prompt_version="v1")
+    return r
+
+
+def test_rows_to_table_requires_every_column():
+    bad = row("k")
+    del bad["caption_zh"]
+    with pytest.raises(ValueError, match="caption_zh"):
+        rows_to_table([bad])
+    assert rows_to_table([row("k")]).schema.equals(SCHEMA)
+
+
+def test_chunks_merge_dedupe_and_metadata(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.commit_chunk("00000", [row("a"), row("b")], attempt=1)
+    store.commit_chunk("00000", [row("b", caption="again"), row("c", "decode_error")], attempt=2)
+    assert store.committed_keys("00000") == {"a", "b", "c"}
+    assert not store.is_finished("00000")
+    counts = store.finalize_shard("00000", {b"pllava_recaption.fingerprint": b"fp1"})
+    assert store.is_finished("00000")
+    assert counts == {"ok": 2, "decode_error": 1}
+    table = pq.read_table(tmp_path / "out/data/00000.parquet")
+    assert sorted(table.column("key").to_pylist()) == ["a", "b", "c"]
+    assert table.schema.metadata[b"pllava_recaption.fingerprint"] == b"fp1"
+    assert not (tmp_path / "out/_progress/00000").exists()  # chunks removed after the data file exists
+    # no temp files left behind by the atomic writes
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+def test_finalize_keeps_first_committed_row_of_a_key(tmp_path):
+    store = OutputStore(str(tmp_path))
+    store.commit_chunk("s", [row("k", caption="first")], attempt=1)
+    store.finalize_shard("s", {})
+    table = pq.read_table(tmp_path / "data/s.parquet")
+    assert table.num_rows == 1
+
+
+def test_fingerprint_mismatch_is_refused_with_what_differs(tmp_path):
+    store = OutputStore(str(tmp_path))
+    m = manifest_from_dict({"shards": "x.tar", "output": str(tmp_path), "model": {"path": "m"}})
+    ensure_job(store, m, JobIdentity("fp-a", {"lora_alpha": 4.0, "model": "tiny"}, "tiny", "v1"))
+    ensure_job(store, m, JobIdentity("fp-a", {"lora_alpha": 4.0, "model": "tiny"}, "tiny", "v1"))  # same: fine
+    with pytest.raises(FingerprintMismatch) as e:
+        ensure_job(store, m, JobIdentity("fp-b", {"lora_alpha": 8.0, "model": "tiny"}, "tiny", "v1"))
+    assert "lora_alpha: output has 4.0, manifest has 8.0" in str(e.value)
+    assert "  model:" not in str(e.value)  # only what differs is listed
+    assert json.loads((tmp_path / "_job.json").read_text())["fingerprint"] == "fp-a"
+
+
+def test_plan_skips_done_and_failed_unless_retry_failed(tmp_path):
+    store = OutputStore(str(tmp_path))
+    store.commit_chunk("done", [row("a")], attempt=1)
+    store.finalize_shard("done", {})
+    store.commit_chunk("done", [row("a")], attempt=9)  # leftover from an interrupted clean-up
+    record_failure(store, "bad", "bad.tar", 3, "unreadable", final=True)
+    record_failure(store, "flaky", "flaky.tar", 1, "actor died", final=False)
+    shards = [("done", "done.tar"), ("bad", "bad.tar"), ("flaky", "flaky.tar"), ("new", "new.tar")]
+    plan = plan_shards(store, shards, retry_failed=False)
+    assert [n for n, _ in plan.to_run] == ["flaky", "new"]
+    assert plan.done == ["done"] and plan.failed_skipped == ["bad"]
+    assert store.chunk_paths("done") == []
+    retry = plan_shards(store, shards, retry_failed=True)
+    assert [n for n, _ in retry.to_run] == ["bad"]

@@ -164,10 +164,13 @@ class OutputStore:
         """Merge the committed chunks, dedupe by key (first commit wins), write data/{shard}.parquet.
 
         The data file is the completion marker; chunks are removed only after it exists, so a
-        crash anywhere in here leaves either the chunks or the finished file, never neither.
+        crash anywhere in here leaves either the chunks or the finished file, never neither. If the
+        data file already exists its rows are kept and merged first, so finalizing twice never drops a key.
         """
         paths = self.chunk_paths(shard)
         tables = [self._read_table(p) for p in paths]
+        if self.is_finished(shard):  # a late second finalizer (e.g. a zombie actor): union, never shrink
+            tables.insert(0, self._read_table(self.data_path(shard)))
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
         table = dedupe_by_key(table)
         table = table.replace_schema_metadata({**(SCHEMA.metadata or {}), **metadata})

@@ -74,3 +74,13 @@ def test_plan_skips_done_and_failed_unless_retry_failed(tmp_path):
     assert store.chunk_paths("done") == []
     retry = plan_shards(store, shards, retry_failed=True)
     assert [n for n, _ in retry.to_run] == ["bad"]
+
+
+def test_finalize_twice_never_drops_keys(tmp_path):
+    store = OutputStore(str(tmp_path))
+    store.commit_chunk("s", [row("a"), row("b")], attempt=1)
+    store.finalize_shard("s", {})
+    store.commit_chunk("s", [row("c")], attempt=2)  # a late writer after the shard was finished
+    counts = store.finalize_shard("s", {})
+    assert counts == {"ok": 3}
+    assert sorted(pq.read_table(tmp_path / "data/s.parquet").column("key").to_pylist()) == ["a", "b", "c"]

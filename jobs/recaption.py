@@ -1,0 +1,227 @@
+"""The Ray job: `python -m jobs.recaption MANIFEST [--shards SPEC] [--output DIR] [--model DIR] [--retry-failed]`.
+
+Inside `ray job submit` it joins that cluster; run directly with no RAY_ADDRESS it starts an
+embedded local Ray on loopback. The driver expands the shard list, checks the output's fingerprint,
+skips finished work, dispatches one shard at a time to ShardCaptioner actors (one per GPU), requeues
+a shard whose actor died, and exits non-zero listing the shards that failed `max_attempts` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.manifest import Manifest, ManifestError, load_manifest, resolve_paths
+from pipeline.progress import (
+    FingerprintMismatch,
+    ensure_job,
+    job_identity,
+    plan_shards,
+    record_failure,
+)
+from pipeline.shards import expand_shard_spec, shard_name
+from pipeline.writing import META_CONFIG, META_FINGERPRINT, OutputStore
+
+log = logging.getLogger("recaption")
+
+EXIT_OK, EXIT_FAILED_SHARDS, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.recaption", description=__doc__.split("\n\n")[0])
+    p.add_argument("manifest", help="YAML job spec (see manifests/)")
+    p.add_argument("--shards", help="override the manifest's shards: path, URL, brace range; comma-separated list")
+    p.add_argument("--output", help="override the manifest's output directory or s3:// URI")
+    p.add_argument("--model", help="override model.path: local directory of a PLLaVA checkpoint")
+    p.add_argument("--retry-failed", action="store_true", help="rerun only the shards marked failed")
+    p.add_argument("--actors", type=int, help="override resources.actors")
+    return p
+
+
+def apply_overrides(m: Manifest, args: argparse.Namespace) -> Manifest:
+    changes: dict[str, Any] = {}
+    if args.shards:
+        changes["shards"] = [s for s in args.shards.split(",") if s]
+    if args.output:
+        changes["output"] = args.output
+    if args.model:
+        changes["model"] = m.model.__class__(**{**m.model.__dict__, "path": args.model})
+    if args.actors:
+        changes["resources"] = m.resources.__class__(**{**m.resources.__dict__, "actors": args.actors})
+    return m.replace(**changes) if changes else m
+
+
+def prompt_version_of(m: Manifest) -> str:
+    # The driver knows the prompt version without loading weights: the template comes from config.json.
+    from model.prompts import template_for_model_dir
+    from pipeline.captioning import prompt_version_for
+
+    return prompt_version_for(m, template_for_model_dir(m.model.path))
+
+
+def connect_ray(m: Manifest) -> Any:
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)  # inside `ray job submit`, or pointed at a cluster
+        return ray
+    # Embedded local mode: loopback only, no usage stats (never set these when joining a cluster).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    return ray
+
+
+def actor_count(m: Manifest, resources: dict[str, float], n_shards: int) -> tuple[int, float, float]:
+    gpus = resources.get("GPU", 0.0)
+    cpus = resources.get("CPU", 1.0)
+    num_gpus = m.resources.num_gpus_per_actor if gpus > 0 else 0.0
+    num_cpus = min(m.resources.num_cpus_per_actor, cpus)
+    if m.resources.actors:
+        n = m.resources.actors
+    elif num_gpus > 0:
+        n = int(gpus // num_gpus)
+    else:
+        n = max(1, int(cpus // max(num_cpus, 1.0)))
+    return max(1, min(n, n_shards)), num_gpus, num_cpus
+
+
+@dataclass
+class Task:
+    shard: str
+    url: str
+    attempt: int
+
+
+def run(m: Manifest, retry_failed: bool = False) -> int:
+    store = OutputStore(m.output)
+    ident = job_identity(m, prompt_version_of(m))
+    ensure_job(store, m, ident)
+    urls = expand_shard_spec(m.shards)
+    names = [shard_name(u) for u in urls]
+    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dupes:
+        raise ManifestError(f"{m.source}: shards {dupes[:5]} appear twice (or two shard URLs share a name)")
+    plan = plan_shards(store, list(zip(names, urls)), retry_failed)
+    log.info("code from %s", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    log.info("job %s: %d shards, %d done, %d to run, %d failed left alone (fingerprint %s, output %s)",
+             m.name, len(urls), len(plan.done), len(plan.to_run), len(plan.failed_skipped),
+             ident.fingerprint, m.output)
+    if not plan.to_run:
+        return _finish(store, names, plan.failed_skipped)
+
+    ray = connect_ray(m)
+    from jobs.actor import ShardCaptioner
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+    n_actors, num_gpus, num_cpus = actor_count(m, ray.cluster_resources(), len(plan.to_run))
+    log.info("starting %d ShardCaptioner actors (num_gpus=%s, num_cpus=%s each)", n_actors, num_gpus, num_cpus)
+    file_metadata = {
+        META_CONFIG: json.dumps({"manifest": m.to_dict(), "fingerprint_parts": ident.parts}).encode(),
+        META_FINGERPRINT: ident.fingerprint.encode(),
+    }
+    actor_cls = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)
+
+    def new_actor() -> Any:
+        return actor_cls.remote(m, file_metadata)
+
+    queue = deque(Task(name, url, 1) for name, url in plan.to_run)
+    idle = [new_actor() for _ in range(n_actors)]
+    running: dict[Any, tuple[Any, Task]] = {}
+    failed: list[str] = list(plan.failed_skipped)
+    totals: Counter = Counter()
+    t0 = time.time()
+    shards_done = 0
+
+    while queue or running:
+        while queue and idle:
+            task = queue.popleft()
+            actor = idle.pop()
+            ref = actor.process_shard.remote(task.url, task.shard, task.attempt)
+            running[ref] = (actor, task)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        ref = ready[0]
+        actor, task = running.pop(ref)
+        try:
+            outcome = ray.get(ref)
+        except (RayActorError, ActorDiedError) as e:
+            reason = f"actor died: {_first_line(e)}"
+            ray.kill(actor, no_restart=True)
+            idle.append(new_actor())
+            _retry_or_fail(store, task, reason, m.max_attempts, queue, failed)
+            continue
+        except RayTaskError as e:
+            reason = _first_line(e.cause if getattr(e, "cause", None) else e)
+            idle.append(actor)
+            _retry_or_fail(store, task, reason, m.max_attempts, queue, failed)
+            continue
+        idle.append(actor)
+        shards_done += 1
+        totals.update(outcome["counts"])
+        rate = outcome["rows_new"] / outcome["seconds"] if outcome["seconds"] else 0.0
+        log.info("shard %s done (attempt %d): %s; %d new rows in %.1fs (%.2f clips/s), decode wait %.1fs%s",
+                 task.shard, task.attempt, _fmt(outcome["counts"]), outcome["rows_new"], outcome["seconds"],
+                 rate, outcome["wait_decode_s"], f", TRUNCATED: {outcome['truncated']}" if outcome["truncated"] else "")
+        log.info("progress: %d/%d shards this run, %d failed, %.0fs elapsed", shards_done,
+                 len(plan.to_run), len(failed) - len(plan.failed_skipped), time.time() - t0)
+    for actor in idle:
+        ray.kill(actor, no_restart=True)
+    return _finish(store, names, failed)
+
+
+def _retry_or_fail(store: OutputStore, task: Task, reason: str, max_attempts: int, queue: deque,
+                   failed: list[str]) -> None:
+    final = task.attempt >= max_attempts
+    record_failure(store, task.shard, task.url, task.attempt, reason, final=final)
+    if final:
+        log.error("shard %s FAILED after %d attempts: %s", task.shard, task.attempt, reason)
+        failed.append(task.shard)
+    else:
+        log.warning("shard %s attempt %d failed (%s); requeued", task.shard, task.attempt, reason)
+        queue.append(Task(task.shard, task.url, task.attempt + 1))
+
+
+def _finish(store: OutputStore, names: list[str], failed: list[str]) -> int:
+    from jobs.status import collect_status
+
+    report = collect_status(store, names)
+    log.info("summary: shards %s; rows %s; output %s", _fmt(report["shards_by_state"]),
+             _fmt(report["rows_by_status"]), store.uri)
+    if failed:
+        for name in failed:
+            log.error("failed shard %s: %s", name, report["shards"].get(name, {}).get("last_error"))
+        log.error("%d shard(s) failed; rerun with --retry-failed once fixed: %s", len(failed), " ".join(failed))
+        return EXIT_FAILED_SHARDS
+    return EXIT_OK
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else text}"[:500]
+
+
+def _fmt(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        m = resolve_paths(apply_overrides(load_manifest(args.manifest), args), os.getcwd())
+        return run(m, retry_failed=args.retry_failed)
+    except (ManifestError, FingerprintMismatch, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""From decoded clips to caption rows: the English visual pass, the Chinese pass, quality guards.
+
+Plain Python over model/: no Ray, no files. `Captioner.caption_batch` never raises for a bad batch;
+it retries clip by clip and turns what still fails into `error` rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model.generation import generate_captions, generate_text
+from model.loading import load_pllava
+from pipeline.chinese import normalize_zh
+from pipeline.frames import DecodedClip, DecodeFailure
+from pipeline.manifest import Manifest
+from pipeline.quality import detect_flags
+from pipeline.shards import Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionStats:
+    """What the model side did, for logs and benchmarks."""
+
+    clips: int = 0
+    batches: int = 0
+    tokens_en: int = 0
+    tokens_zh: int = 0
+    seconds_vision: float = 0.0
+    seconds_en: float = 0.0
+    seconds_zh: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+class Captioner:
+    """One loaded PLLaVA (and optional translator) and the prompts of one job."""
+
+    def __init__(self, m: Manifest):
+        self.manifest = m
+        self.device = resolve_device(m.model.device)
+        dtype = m.model.dtype if self.device != "cpu" else "float32"
+        self.loaded = load_pllava(
+            m.model.path,
+            lora_alpha=m.model.lora_alpha,
+            dtype=dtype,
+            device=self.device,
+            attn_implementation=m.model.attn_implementation,
+        )
+        template = self.loaded.template
+        self.prompt_en = template.format(m.prompts.en or template.default_question_en, with_image=True)
+        self.want_zh = "zh" in m.languages
+        self.zh_mode = m.zh.mode
+        self.prompt_zh_direct = template.format(m.prompts.zh_direct or template.default_question_zh,
+                                                with_image=True)
+        self.zh_translate_question = m.prompts.zh_translate or template.default_translate_zh
+        self.translator = None
+        if self.want_zh and self.zh_mode == "mt":
+            from model.translation import load_translator
+
+            self.translator = load_translator(m.zh.mt_model, dtype=dtype, device=self.device)
+        self.prompt_version = prompt_version_for(m, template)
+        self.model_name = self.loaded.name
+        self.lora_alpha = self.loaded.lora_alpha
+        self.stats = CaptionStats()
+        self._echo_texts = [t for t in (template.system, m.prompts.en or template.default_question_en) if t]
+
+    # ------------------------------------------------------------------------------------------
+    def caption_batch(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
+        if not items:
+            return []
+        try:
+            return self._caption(items)
+        except Exception as e:  # a bad batch must not kill the shard: isolate the culprit
+            if len(items) == 1:
+                sample, clip = items[0]
+                log.warning("captioning failed for key %s: %s", sample.key, e)
+                return [base_row(sample, clip, self, status="error", error=f"model error: {type(e).__name__}: {e}")]
+            log.warning("batch of %d failed (%s); retrying clip by clip", len(items), e)
+            rows = []
+            for item in items:
+                rows.extend(self.caption_batch([item]))
+            return rows
+
+    def _caption(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
+        m = self.manifest
+        pixels = torch.stack([clip.pixel_values for _, clip in items])  # (B, T, 3, 336, 336)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            features = self.loaded.model.encode_videos(pixels.to(self.device))  # (B, N_vis, D)
+            t1 = time.perf_counter()
+            en = generate_captions(self.loaded, [self.prompt_en] * len(items), features,
+                                   max_new_tokens=m.generation.max_new_tokens,
+                                   repetition_penalty=m.generation.repetition_penalty)
+            t2 = time.perf_counter()
+            zh = self._chinese(features, [g.text for g in en]) if self.want_zh else None
+            t3 = time.perf_counter()
+        s = self.stats
+        s.clips += len(items)
+        s.batches += 1
+        s.seconds_vision += t1 - t0
+        s.seconds_en += t2 - t1
+        s.seconds_zh += t3 - t2
+        rows = []
+        for i, (sample, clip) in enumerate(items):
+            g_en = en[i]
+            flags = set(detect_flags(g_en.text, language="en", prompt_texts=self._echo_texts,
+                                     hit_max_new_tokens=g_en.hit_max_new_tokens))
+            row = base_row(sample, clip, self, status="ok")
+            row["caption_en"] = g_en.text
+            row["tokens_en"] = g_en.num_tokens
+            s.tokens_en += g_en.num_tokens
+            if zh is not None:
+                text, n_tokens, hit_max = zh[i]
+                row["caption_zh"] = normalize_zh(text, m.zh.variant)
+                row["tokens_zh"] = n_tokens
+                s.tokens_zh += n_tokens
+                flags |= set(detect_flags(row["caption_zh"], language="zh", prompt_texts=self._echo_texts,
+                                          hit_max_new_tokens=hit_max))
+            row["flags"] = sorted(flags)
+            row["status"] = "flagged" if flags else "ok"
+            rows.append(row)
+        return rows
+
+    def _chinese(self, features: torch.Tensor, captions_en: list[str]) -> list[tuple[str, int, bool]]:
+        m = self.manifest
+        if self.zh_mode == "direct":
+            out = generate_captions(self.loaded, [self.prompt_zh_direct] * len(captions_en), features,
+                                    max_new_tokens=m.zh.max_new_tokens,
+                                    repetition_penalty=m.generation.repetition_penalty)
+            return [(g.text, g.num_tokens, g.hit_max_new_tokens) for g in out]
+        if self.zh_mode == "mt":
+            out = self.translator.translate(captions_en, max_new_tokens=m.zh.max_new_tokens,
+                                            batch_size=len(captions_en))
+            return [(t.text, t.num_tokens, t.hit_max_new_tokens) for t in out]
+        # translate: a text-only pass of the same LLM over the English caption (no visual tokens).
+        template = self.loaded.template
+        prompts = [template.format(self.zh_translate_question.format(caption=c), with_image=False)
+                   for c in captions_en]
+        results: list[tuple[str, int, bool]] = [("", 0, False)] * len(captions_en)
+        todo = [i for i, c in enumerate(captions_en) if c.strip()]
+        if todo:
+            out = generate_text(self.loaded, [prompts[i] for i in todo], max_new_tokens=m.zh.max_new_tokens,
+                                repetition_penalty=m.generation.repetition_penalty)
+            for i, g in zip(todo, out):
+                results[i] = (g.text, g.num_tokens, g.hit_max_new_tokens)
+        return results
+
+
+def prompt_version_for(m: Manifest, template: Any) -> str:
+    """The template's version plus a short hash of any custom wording, so edited prompts are visible."""
+    import hashlib
+
+    custom = [m.prompts.en, m.prompts.zh_direct, m.prompts.zh_translate]
+    if not any(custom):
+        return template.prompt_version
+    digest = hashlib.sha256(repr(custom).encode()).hexdigest()[:8]
+    return f"{template.prompt_version}+custom-{digest}"
+
+
+def base_row(sample: Sample, clip: DecodedClip | DecodeFailure | None, ctx: Any, *, status: str,
+             error: str | None = None) -> dict[str, Any]:
+    """A row with the sample's facts and, when decoded, the clip's; captions left empty."""
+    decoded = clip if isinstance(clip, DecodedClip) else None
+    return {
+        "key": sample.key,
+        "shard": sample.shard,
+        "video_id": sample.video_id,
+        "url": sample.url,
+        "clip_start_s": sample.clip_start_s,
+        "clip_end_s": sample.clip_end_s,
+        "source_caption": sample.source_caption,
+        "caption_en": None,
+        "caption_zh": None,
+        "status": status,
+        "error": error,
+        "flags": [],
+        "frame_indices": list(decoded.frame_indices) if decoded else None,
+        "num_frames": decoded.num_frames if decoded else None,
+        "fps": decoded.fps if decoded else None,
+        "duration_s": decoded.duration_s if decoded else None,
+        "width": decoded.width if decoded else None,
+        "height": decoded.height if decoded else None,
+        "tokens_en": None,
+        "tokens_zh": None,
+        "model": ctx.model_name,
+        "lora_alpha": ctx.lora_alpha,
+        "prompt_version": ctx.prompt_version,
+    }

@@ -1,0 +1,158 @@
+"""Real artefacts for the job tests: a tiny checkpoint, synthetic shards, a local Ray cluster.
+
+The cluster is started with `ray start --head` on 127.0.0.1 with token authentication on (the token
+lives in a file of this test session, passed by RAY_AUTH_TOKEN_PATH), and stopped with `ray stop`
+at the end. Loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from model.tiny import build_tiny_checkpoint
+
+    return Path(build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-pllava", seed=0))
+
+
+@pytest.fixture(scope="session")
+def shard_source(tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
+    """Four synthetic shards with failed and corrupt samples, and what was planted in each."""
+    from pipeline.synthetic import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    planted = write_synthetic_shards(out, shards=4, clips_per_shard=5, failed=1, corrupt=1, seed=7)
+    return out, planted
+
+
+@pytest.fixture()
+def shards(shard_source, tmp_path) -> tuple[Path, dict[str, dict[str, str]]]:
+    """A private copy of the shards, so a test may break and repair them."""
+    src, planted = shard_source
+    dst = tmp_path / "shards"
+    shutil.copytree(src, dst)
+    return dst, planted
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """`ray start --head` on loopback with token auth; yields the env a client needs."""
+    tmp = tmp_path_factory.mktemp("ray")
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    gcs_port, dash_port = free_port(), free_port()
+    env = base_env()
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--num-gpus", "0",
+           "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    cluster = {
+        "env": env,
+        "gcs": f"127.0.0.1:{gcs_port}",
+        "dashboard": f"http://127.0.0.1:{dash_port}",
+        "token": token,
+    }
+    try:
+        yield cluster
+    finally:
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def write_manifest(path: Path, *, shards: str, output: Path, model: Path, **overrides) -> Path:
+    spec = {
+        "name": "test",
+        "shards": shards,
+        "output": str(output),
+        "model": {"path": str(model), "lora_alpha": 4, "dtype": "float32", "device": "cpu"},
+        "languages": ["en", "zh"],
+        "generation": {"max_new_tokens": 8, "batch_size": 2},
+        "zh": {"mode": "translate", "max_new_tokens": 8},
+        "decode": {"workers": 1, "max_ahead": 4, "mode": "thread", "timeout_s": 60},
+        "resources": {"num_cpus_per_actor": 1},
+        "chunk_size": 2,
+        "max_attempts": 3,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def read_output(out: Path):
+    return ds.dataset(str(out / "data"), format="parquet").to_table()
+
+
+def assert_exactly_once(out: Path, planted: dict[str, dict[str, str]], shard_names: list[str]) -> None:
+    """Every planted key of these shards is in OUT/data exactly once, with the planted kind of status."""
+    table = read_output(out)
+    keys = table.column("key").to_pylist()
+    dupes = [k for k, c in collections.Counter(keys).items() if c > 1]
+    assert not dupes, f"duplicated keys: {dupes}"
+    expected = {k: s for name in shard_names for k, s in planted[name].items()}
+    assert set(keys) == set(expected), f"missing {set(expected) - set(keys)}, extra {set(keys) - set(expected)}"
+    got = dict(zip(keys, table.column("status").to_pylist()))
+    for key, planted_status in expected.items():
+        allowed = {"ok", "flagged"} if planted_status == "ok" else {planted_status}
+        assert got[key] in allowed, f"{key}: planted {planted_status}, got {got[key]}"
+
+
+def run_job(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.recaption", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def shard_state(out: Path, shard: str) -> dict | None:
+    p = out / "_progress" / f"{shard}.json"
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

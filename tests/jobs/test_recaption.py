@@ -1,0 +1,175 @@
+"""The Ray job end to end: real `ray start`, `ray job submit`, real shards, Parquet read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.jobs.conftest import (
+    REPO,
+    VENV_BIN,
+    assert_exactly_once,
+    base_env,
+    read_output,
+    run_job,
+    shard_state,
+    wait_for,
+    write_manifest,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_ray_job_submit_demo_manifest(ray_cluster, tiny_checkpoint, shards, tmp_path):
+    shard_dir, planted = shards
+    out = tmp_path / "out"
+    submit = [
+        str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ".",
+        "--", "python", "-m", "jobs.recaption", "manifests/demo.yaml",
+        "--shards", f"{shard_dir}/{{00000..00001}}.tar", "--output", str(out), "--model", str(tiny_checkpoint),
+    ]
+    proc = subprocess.run(submit, cwd=REPO, env=ray_cluster["env"], capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "SUCCEEDED" in log, log[-3000:]
+    # the job ran the code uploaded with --working-dir, not a copy installed elsewhere
+    assert "working_dir_files" in log and "code from" in log, log[-3000:]
+    assert_exactly_once(out, planted, ["00000", "00001"])
+    rows = read_output(out).to_pylist()
+    captioned = [r for r in rows if r["status"] in ("ok", "flagged")]
+    assert captioned and all(r["caption_en"] is not None and r["caption_zh"] is not None for r in captioned)
+    assert all(r["error"] for r in rows if r["status"] in ("source_failed", "decode_error"))
+    meta = pq.read_schema(out / "data/00000.parquet").metadata
+    assert json.loads(meta[b"pllava_recaption.config"])["manifest"]["model"]["lora_alpha"] == 4.0
+    job = json.loads((out / "_job.json").read_text())
+    assert meta[b"pllava_recaption.fingerprint"].decode() == job["fingerprint"]
+
+
+def test_ray_job_submit_needs_the_token(ray_cluster, tmp_path):
+    env = {k: v for k, v in ray_cluster["env"].items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    proc = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", ray_cluster["dashboard"]],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "auth" in (proc.stdout + proc.stderr).lower()
+
+
+def test_kill_worker_mid_shard_loses_and_duplicates_nothing(ray_cluster, tiny_checkpoint, shards, tmp_path):
+    shard_dir, planted = shards
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path / "job.yaml", shards=f"{shard_dir}/{{00000..00001}}.tar", output=out,
+                              model=tiny_checkpoint, chunk_size=1, generation={"batch_size": 1,
+                                                                               "max_new_tokens": 24},
+                              resources={"actors": 1, "num_cpus_per_actor": 1})
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.recaption", str(manifest)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def running_with_chunk():
+            for shard in ("00000", "00001"):
+                state = shard_state(out, shard)
+                chunks = list((out / "_progress" / shard).glob("chunk-*.parquet"))
+                if state and state.get("state") == "running" and state.get("pid") and chunks:
+                    return shard, state["pid"]
+            return None
+
+        shard, pid = wait_for(running_with_chunk, 300, "a running shard with a committed chunk")
+        os.kill(pid, signal.SIGKILL)
+        log, _ = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, log[-5000:]
+    state = shard_state(out, shard)
+    assert state["state"] == "done" and state["attempts"] == 2, state
+    assert "actor died" in state["errors"][0]["reason"]
+    assert_exactly_once(out, planted, ["00000", "00001"])
+
+
+def test_kill_driver_then_rerun_skips_finished_shards(ray_cluster, tiny_checkpoint, shards, tmp_path):
+    shard_dir, planted = shards
+    out = tmp_path / "out"
+    names = ["00000", "00001", "00002", "00003"]
+    manifest = write_manifest(tmp_path / "job.yaml", shards=f"{shard_dir}/{{00000..00003}}.tar", output=out,
+                              model=tiny_checkpoint, resources={"actors": 1, "num_cpus_per_actor": 1})
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.recaption", str(manifest)], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: list((out / "data").glob("*.parquet")), 300, "a first finished shard")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        driver.kill()
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
+    assert 0 < len(finished) < len(names)
+    rerun = run_job([str(manifest)], env)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-5000:]
+    for name, mtime in finished.items():
+        assert (out / "data" / name).stat().st_mtime_ns == mtime, f"{name} was recomputed"
+    assert_exactly_once(out, planted, names)
+    assert not [p for p in (out / "_progress").iterdir() if p.is_dir()], "chunk dirs left after finishing"
+
+
+def test_unreadable_shard_fails_then_retry_failed_after_repair(tiny_checkpoint, shards, tmp_path):
+    """Embedded local Ray (no RAY_ADDRESS): the shard that cannot be read fails, the rest finish."""
+    shard_dir, planted = shards
+    out = tmp_path / "out"
+    hidden = tmp_path / "00002.tar.away"
+    shutil.move(shard_dir / "00002.tar", hidden)
+    manifest = write_manifest(tmp_path / "job.yaml", shards=f"{shard_dir}/{{00000..00002}}.tar", output=out,
+                              model=tiny_checkpoint, max_attempts=2)
+    first = run_job([str(manifest)], base_env())
+    log = first.stdout + first.stderr
+    assert first.returncode == 1, log[-5000:]
+    assert "failed shard 00002" in log and "--retry-failed" in log
+    state = shard_state(out, "00002")
+    assert state["state"] == "failed" and state["attempts"] == 2 and len(state["errors"]) == 2
+    assert_exactly_once(out, planted, ["00000", "00001"])
+    status = subprocess.run([sys.executable, "-m", "jobs.status", str(out), "--json"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    report = json.loads(status.stdout)
+    assert report["shards_by_state"] == {"done": 2, "failed": 1}
+    assert "00002" in report["failed"]
+
+    plain = run_job([str(manifest)], base_env())  # a plain rerun leaves the failed shard alone
+    assert plain.returncode == 1 and not (out / "data/00002.parquet").exists()
+
+    shutil.move(hidden, shard_dir / "00002.tar")
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
+    retry = run_job([str(manifest), "--retry-failed"], base_env())
+    assert retry.returncode == 0, (retry.stdout + retry.stderr)[-5000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet") if p.name in before} == before
+    assert_exactly_once(out, planted, ["00000", "00001", "00002"])
+
+
+def test_fingerprint_mismatch_and_bad_manifest_are_refused(tiny_checkpoint, shards, tmp_path):
+    shard_dir, _ = shards
+    out = tmp_path / "out"
+    out.mkdir()
+    first = write_manifest(tmp_path / "a.yaml", shards=f"{shard_dir}/00000.tar", output=out, model=tiny_checkpoint)
+    from pipeline.manifest import load_manifest
+    from pipeline.progress import ensure_job, job_identity
+    from pipeline.writing import OutputStore
+    from jobs.recaption import prompt_version_of
+
+    m = load_manifest(first)
+    ensure_job(OutputStore(str(out)), m, job_identity(m, prompt_version_of(m)))
+    changed = write_manifest(tmp_path / "b.yaml", shards=f"{shard_dir}/00000.tar", output=out,
+                             model={"path": str(tiny_checkpoint), "lora_alpha": 8, "dtype": "float32",
+                                    "device": "cpu"})
+    proc = run_job([str(changed)], base_env())
+    assert proc.returncode == 2
+    assert "different configuration" in proc.stderr and "lora_alpha: output has 4.0, manifest has 8.0" in proc.stderr
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(first.read_text().replace("chunk_size: 2", "chunk_size: many"))
+    proc = run_job([str(bad)], base_env())
+    assert proc.returncode == 2
+    assert f"{bad}: field 'chunk_size' must be an integer" in proc.stderr

@@ -25,12 +25,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass(frozen=True)
 class Translation:
-    """One translated text. `num_tokens` counts generated tokens, end-of-sequence included, padding and
-    the decoder start token not; `hit_max_new_tokens` means decoding stopped at the budget, not at EOS."""
+    """One translated text, shaped like `model.generation.Generation` so rows treat both alike."""
 
     text: str
+    token_ids: list[int]  # generated ids, without the decoder start token, the EOS token and padding
     num_tokens: int
-    hit_max_new_tokens: bool
+    hit_max_new_tokens: bool  # no EOS within max_new_tokens: the text may be cut
 
 
 class Translator:
@@ -70,7 +70,7 @@ class Translator:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        results = [Translation("", 0, False)] * len(texts)
+        results = [Translation("", [], 0, False)] * len(texts)
         # Similar lengths together waste less compute on padding; results go back to input order.
         todo = sorted((i for i, text in enumerate(texts) if text.strip()), key=lambda i: len(texts[i]))
         generation_config = copy.deepcopy(self.generation_config)
@@ -95,9 +95,9 @@ class Translator:
         out = []
         for ids in generated:
             end = next((k for k, token in enumerate(ids) if token in self.eos_token_ids), None)
-            ids = ids if end is None else ids[: end + 1]  # what follows EOS is batch padding
+            ids = ids if end is None else ids[:end]  # EOS, then batch padding
             text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            out.append(Translation(text, len(ids), hit_max_new_tokens=end is None))
+            out.append(Translation(text, ids, len(ids), hit_max_new_tokens=end is None))
         return out
 
 

@@ -47,13 +47,14 @@ def test_batch_equals_one_by_one(translator):
     batched = translator.translate(TEXTS, max_new_tokens=16, batch_size=3)
     single = [translator.translate([t], max_new_tokens=16, batch_size=1)[0] for t in TEXTS]
     assert batched == single
+    assert batched[0].token_ids != batched[2].token_ids  # the inputs matter, so the check means something
     assert translator.translate(TEXTS, max_new_tokens=16, batch_size=2) == batched
     assert all(isinstance(t, Translation) for t in batched)
 
 
 def test_blank_texts_skip_the_model(translator):
     out = translator.translate(["", "   ", "A man walks."], max_new_tokens=8, batch_size=4)
-    assert out[0] == out[1] == Translation("", 0, False)
+    assert out[0] == out[1] == Translation("", [], 0, False)
     assert out[2].num_tokens > 0
     assert translator.translate([], max_new_tokens=8, batch_size=4) == []
 
@@ -65,16 +66,15 @@ def test_token_counts_and_budget(translator):
     ended = [t for t in out if t.num_tokens and not t.hit_max_new_tokens]
     assert ended and any(t.hit_max_new_tokens for t in out)
     for t in out:
-        assert t.num_tokens <= long_budget
-        if t.hit_max_new_tokens:
-            assert t.num_tokens == long_budget
+        assert t.num_tokens == len(t.token_ids)
+        assert t.num_tokens == long_budget if t.hit_max_new_tokens else t.num_tokens < long_budget
 
     source = TEXTS[out.index(ended[0])]
-    n = ended[0].num_tokens  # EOS included
-    # A budget of exactly n still ends on EOS; one less cuts it off, and nothing forces a final EOS.
-    assert translator.translate([source], max_new_tokens=n, batch_size=1)[0] == ended[0]
-    cut = translator.translate([source], max_new_tokens=n - 1, batch_size=1)[0]
-    assert cut.hit_max_new_tokens and cut.num_tokens == n - 1
+    n = ended[0].num_tokens  # EOS not counted: it came at step n + 1
+    assert translator.translate([source], max_new_tokens=n + 1, batch_size=1)[0] == ended[0]
+    # One step less cuts it off before EOS, and nothing forces an EOS into the last step.
+    cut = translator.translate([source], max_new_tokens=n, batch_size=1)[0]
+    assert cut == Translation(ended[0].text, ended[0].token_ids, n, hit_max_new_tokens=True)
 
 
 def test_source_prefix_is_prepended(tiny_mt_dir, translator):

@@ -1,17 +1,20 @@
-"""Conversation templates per model family, and the default prompt wording, each with a version string.
+"""Conversation templates per model family, and the default prompt wording, with version strings.
 
 Vicuna (PLLaVA 7B/13B, as the reference's `conv_eval_vcg`):
     "{system} USER: <image>\\n{question} ASSISTANT:"
 ChatML (PLLaVA 34B on Yi, as the reference's `*_llavanext` templates):
     "<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n"
-`prompt_version` ("{template version}/{wording version}") goes into every output row, so a change of either
-shows up in the job fingerprint.
+`prompt_version` ("{template version}/{wording version}", e.g. "vicuna-v1/recaption-v1") goes into every output
+row, so a change of the format or of the default wording shows up in the job fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+
+from model.config import Family, PllavaConfig, detect_family
 
 IMAGE_TOKEN = "<image>"
 
@@ -25,35 +28,43 @@ SYSTEM_VIDEO = (
 )
 SYSTEM_TEXT = "You are a helpful assistant. Follow the instructions carefully."
 
-# Known wordings, by version. A wording not listed here is versioned by its hash.
-QUESTIONS = {
-    "recaption-en-v1": "Describe the background, characters and the actions in the provided video in detail.",
-    "translate-zh-v1": (
-        "Translate the following English video description into Chinese. "
-        "Reply with the Chinese translation only.\n\n{text}"
-    ),
-}
-DEFAULT_CAPTION_QUESTION = QUESTIONS["recaption-en-v1"]
-TRANSLATE_ZH_QUESTION = QUESTIONS["translate-zh-v1"]
-
-
-def wording_version(question: str) -> str:
-    for version, text in QUESTIONS.items():
-        if text == question:
-            return version
-    return "custom-" + hashlib.sha256(question.encode("utf-8")).hexdigest()[:12]
+# Default wording; bump WORDING_VERSION whenever one of these strings changes.
+WORDING_VERSION = "recaption-v1"
+DEFAULT_QUESTION_EN = "Describe the background, characters and the actions in the provided video in detail."
+DEFAULT_QUESTION_ZH = "请用中文详细描述视频中的背景、人物和动作。"
+# Text-only translation pass; `{caption}` is filled with the English caption.
+DEFAULT_TRANSLATE_ZH = (
+    "Translate the following English video description into Chinese. "
+    "Reply with the Chinese translation only.\n\n{caption}"
+)
 
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    family: str  # "vicuna" | "chatml"
+    family: Family
     version: str  # changes whenever the surrounding format changes
-    system: str  # system prompt for visual prompts
-    text_system: str  # system prompt for text-only prompts (translation pass)
+    system: str  # system prompt of visual prompts
+    text_system: str  # system prompt of text-only prompts (translation pass)
     stop_tokens: tuple[str, ...]  # end-of-turn markers, in addition to the tokenizer's eos
+    default_question_en: str = DEFAULT_QUESTION_EN
+    default_question_zh: str = DEFAULT_QUESTION_ZH
+    default_translate_zh: str = DEFAULT_TRANSLATE_ZH
 
-    def format(self, question: str = DEFAULT_CAPTION_QUESTION, *, with_image: bool = True) -> str:
-        """The full prompt; with_image puts the single `<image>` slot before the question."""
+    @property
+    def prompt_version(self) -> str:
+        """Version of this template with the default wording."""
+        return f"{self.version}/{WORDING_VERSION}"
+
+    def version_for(self, question: str) -> str:
+        """Version of this template with `question`: the default's, or a hash of a custom wording."""
+        defaults = (self.default_question_en, self.default_question_zh, self.default_translate_zh)
+        if question in defaults:
+            return self.prompt_version
+        return f"{self.version}/custom-{hashlib.sha256(question.encode('utf-8')).hexdigest()[:12]}"
+
+    def format(self, question: str | None = None, *, with_image: bool = True) -> str:
+        """The full prompt for one turn; with_image puts the single `<image>` slot before the question."""
+        question = self.default_question_en if question is None else question
         if with_image and IMAGE_TOKEN in question:
             raise ValueError("the question must not contain <image>; the template places the one slot")
         user = f"{IMAGE_TOKEN}\n{question}" if with_image else question
@@ -65,9 +76,6 @@ class PromptTemplate:
                 "<|im_start|>assistant\n"
             )
         return f"{system} USER: {user} ASSISTANT:"
-
-    def prompt_version(self, question: str = DEFAULT_CAPTION_QUESTION) -> str:
-        return f"{self.version}/{wording_version(question)}"
 
 
 VICUNA = PromptTemplate(
@@ -84,3 +92,20 @@ def template_for(family: str) -> PromptTemplate:
     if family == "chatml":
         return CHATML
     raise ValueError(f"unknown model family {family!r} (expected 'vicuna' or 'chatml')")
+
+
+def template_for_model_dir(model_dir: str | Path) -> PromptTemplate:
+    """The template of a checkpoint directory without loading weights or the tokenizer (for the job driver).
+
+    Same decision as the loader: config.json, plus `<|im_start|>` among the tokenizer's tokens.
+    """
+    model_dir = Path(model_dir)
+    config = PllavaConfig.from_dir(model_dir)
+    vocab: dict[str, int] = {}
+    for name in ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json", "tokenizer.json"):
+        path = model_dir / name
+        if path.is_file() and "<|im_start|>" in path.read_text(encoding="utf-8", errors="replace"):
+            vocab["<|im_start|>"] = -1
+            break
+    return template_for(detect_family(config, vocab))
+

@@ -1,0 +1,171 @@
+"""From mp4 bytes to PLLaVA's input: 16 frames, 336×336, RGB, CLIP-normalised (DESIGN §3).
+
+``decode_clip`` never raises: a clip that cannot be decoded is a ``DecodeFailure`` with a readable reason.
+Decoding is split in two so that a decoder process only ships uint8 frames (5.4 MB per clip instead of
+21.7 MB of float32): ``decode_frames`` (decord, numpy, no torch) and ``DecodedClip.from_frames``
+(normalisation). A hang or a crash inside the decoder cannot be stopped in-process (decord holds the GIL);
+``pipeline.decode.DecodePool`` in process mode enforces the per-clip time limit by killing its worker.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+NUM_FRAMES = 16
+SIZE = 336
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Refuse streams that no real clip has before spending time on them.
+MAX_PIXELS = 8192 * 8192
+
+
+def sample_frame_indices(n_frames: int, num_segments: int = NUM_FRAMES) -> list[int]:
+    """PLLaVA's sampling: the middle frame of each of ``num_segments`` equal segments.
+
+    ``seg = (n_frames - 1) / N``; index ``k`` is ``int(seg / 2 + round(seg * k))`` (round half to even, as
+    numpy's round in the reference). Fewer than N frames repeat frames; one frame gives N zeros.
+    """
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    seg = (n_frames - 1) / num_segments
+    return [int(seg / 2 + round(seg * k)) for k in range(num_segments)]
+
+
+def resized_size(width: int, height: int, size: int = SIZE) -> tuple[int, int]:
+    """(width, height) with the shortest side scaled to ``size`` (CLIP's rule: the long side truncated)."""
+    if width <= height:
+        return size, max(size, int(size * height / width))
+    return max(size, int(size * width / height)), size
+
+
+@dataclass
+class DecodeFailure:
+    """Why a clip could not be decoded, e.g. ``"empty mp4 (0 bytes)"``."""
+
+    reason: str
+
+
+@dataclass
+class Frames:
+    """Sampled, resized and center-cropped frames as uint8, plus what was learnt about the clip."""
+
+    frames: np.ndarray  # (T, size, size, 3) uint8 RGB
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+    duration_s: float
+    frame_indices: list[int]
+
+
+@dataclass
+class DecodedClip:
+    """A clip ready for PLLaVA; ``width``/``height``/``num_frames`` describe the source clip."""
+
+    pixel_values: torch.Tensor  # (T, 3, size, size) float32, CLIP-normalised
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+    duration_s: float
+    frame_indices: list[int]
+
+    @classmethod
+    def from_frames(cls, frames: Frames) -> DecodedClip:
+        """Normalise uint8 frames: RGB / 255, then CLIP mean and std."""
+        import torch  # here, not at the top: decoder processes import this module and need no torch
+
+        scale = torch.tensor([1 / (255 * s) for s in CLIP_STD]).view(1, 3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(1, 3, 1, 1)
+        pixels = torch.from_numpy(frames.frames).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8, a view
+        pixel_values = torch.empty(pixels.shape, dtype=torch.float32).copy_(pixels)
+        pixel_values.mul_(scale).add_(shift)
+        return cls(pixel_values, frames.fps, frames.num_frames, frames.width, frames.height,
+                   frames.duration_s, frames.frame_indices)
+
+
+def _short_reason(err: BaseException) -> str:
+    """An exception as one printable line (decoder messages may carry bytes from the file)."""
+    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    first_line = text.splitlines()[0] if text.strip() else type(err).__name__
+    return "".join(c if c.isprintable() else "?" for c in first_line)[:300]
+
+
+def _probe(mp4: bytes) -> tuple[int, int] | DecodeFailure:
+    """The video stream's (width, height), read from the container headers with PyAV."""
+    import av  # here: only needed for probing
+
+    try:
+        with av.open(io.BytesIO(mp4), mode="r") as container:
+            if not container.streams.video:
+                return DecodeFailure("no video stream in the mp4")
+            codec = container.streams.video[0].codec_context
+            return codec.width, codec.height
+    except Exception as err:  # noqa: BLE001 - any parser error is a property of the file
+        return DecodeFailure(f"could not read the mp4 container: {_short_reason(err)}")
+
+
+def decode_frames(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE) -> Frames | DecodeFailure:
+    """Decode ``num_frames`` PLLaVA-sampled frames, resized (shortest side ``size``) and center-cropped.
+
+    decord resizes while decoding (swscale, in C); we pass the exact target so the aspect ratio is kept.
+    One decoder thread per clip: parallelism comes from decoding several clips at once.
+    """
+    if not mp4:
+        return DecodeFailure("empty mp4 (0 bytes)")
+    probed = _probe(mp4)
+    if isinstance(probed, DecodeFailure):
+        return probed
+    width, height = probed
+    if width <= 0 or height <= 0 or width * height > MAX_PIXELS:
+        return DecodeFailure(f"unsupported frame size {width}x{height}")
+    import decord  # here: decord is imported in the process that decodes
+
+    decord.logging.set_level(decord.logging.QUIET)
+    target_w, target_h = resized_size(width, height, size)
+    try:
+        reader = decord.VideoReader(io.BytesIO(mp4), ctx=decord.cpu(0), width=target_w, height=target_h,
+                                    num_threads=1)
+    except AssertionError:  # decord asserts a positive frame count
+        return DecodeFailure("no frames")
+    except Exception as err:  # noqa: BLE001
+        return DecodeFailure(f"decord could not open the mp4: {_short_reason(err)}")
+    try:
+        n = len(reader)
+        if n < 1:
+            return DecodeFailure("no frames")
+        indices = sample_frame_indices(n, num_frames)
+        batch = reader.get_batch(indices).asnumpy()  # (T, target_h, target_w, 3) uint8
+        fps = float(reader.get_avg_fps())
+        duration_s = float(reader.get_frame_timestamp(n - 1)[1])
+    except Exception as err:  # noqa: BLE001
+        return DecodeFailure(f"decord could not decode frames: {_short_reason(err)}")
+    finally:
+        del reader
+    if batch.shape != (num_frames, target_h, target_w, 3):
+        return DecodeFailure(f"decord returned frames of shape {batch.shape}")
+    top, left = (target_h - size) // 2, (target_w - size) // 2
+    frames = np.ascontiguousarray(batch[:, top:top + size, left:left + size])
+    if not np.isfinite(fps) or fps <= 0:
+        fps = 0.0
+    if not np.isfinite(duration_s) or duration_s <= 0:
+        duration_s = n / fps if fps else 0.0
+    return Frames(frames, fps, n, width, height, duration_s, indices)
+
+
+def decode_clip(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE) -> DecodedClip | DecodeFailure:
+    """PLLaVA's input for one clip, or why there is none. Never raises."""
+    try:
+        frames = decode_frames(mp4, num_frames=num_frames, size=size)
+    except Exception as err:  # noqa: BLE001 - the contract is "never raises"
+        return DecodeFailure(f"unexpected error while decoding: {_short_reason(err)}")
+    if isinstance(frames, DecodeFailure):
+        return frames
+    return DecodedClip.from_frames(frames)

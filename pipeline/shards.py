@@ -1,0 +1,437 @@
+"""Reading Panda-70M webdataset shards: shard lists, streaming, and one ``Sample`` per key (DESIGN §2).
+
+Shard contents are untrusted: only ``.mp4``, ``.json`` and ``.txt`` members are read, nothing is unpickled
+or ``eval``-ed, and member names are never used as paths. Errors in a sample are data (``Sample.source_error``,
+``Sample.meta_error``, ``Sample.read_error``); only an unreadable shard raises (``ShardReadError``).
+
+The tar is parsed here, one 512-byte header at a time (``tarfile.TarInfo.frombuf``), instead of with
+``tarfile``'s stream mode, because the latter ends silently on a shard cut at a member boundary: we must
+tell a complete shard (end-of-archive block) from a truncated one.
+"""
+
+from __future__ import annotations
+
+import ast
+import http.client
+import json
+import os
+import re
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+BLOCK = 512
+READ_EXTENSIONS = ("mp4", "json", "txt")
+# A member larger than this is skipped (not held in memory) and reported in Sample.read_error.
+MAX_MEMBER_BYTES = {"mp4": 2 << 30, "json": 64 << 20, "txt": 16 << 20}
+HTTP_TIMEOUT_S = 60
+
+
+class ShardReadError(Exception):
+    """The shard cannot be opened at all (missing file, HTTP error, no such object)."""
+
+
+# ----------------------------------------------------------------------------------------------- naming
+
+
+_BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_shard_spec(spec: str | list[str]) -> list[str]:
+    """Shard URLs from a path/URL or a list of them; ``{00000..00099}`` ranges expand, zero-padded.
+
+    Local paths, ``file://``, ``s3://`` and ``http(s)://`` are passed through as they are.
+    """
+    if isinstance(spec, (list, tuple)):
+        return [url for item in spec for url in expand_shard_spec(item)]
+    match = _BRACE_RANGE.search(spec)
+    if match is None:
+        return [spec]
+    first, last = match.group(1), match.group(2)
+    width = len(first) if first.startswith("0") or len(first) == len(last) else 0
+    step = 1 if int(last) >= int(first) else -1
+    head, tail = spec[: match.start()], spec[match.end():]
+    return [
+        url
+        for n in range(int(first), int(last) + step, step)
+        for url in expand_shard_spec(f"{head}{n:0{width}d}{tail}")
+    ]
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def shard_name(url: str) -> str:
+    """The shard's name for output paths: its basename without ``.tar``, made safe as one path component.
+
+    Characters outside ``[A-Za-z0-9._-]`` become ``_``, ``..`` becomes ``__``, an empty or dot-only name
+    becomes ``_``. Shards with the same basename in different folders get the same name: a job must not mix
+    them (the job's shard list is checked for that, not this function).
+    """
+    path = urllib.parse.urlsplit(url).path if "://" in url else url
+    base = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    base = urllib.parse.unquote(base)
+    if base.endswith(".tar"):
+        base = base[: -len(".tar")]
+    name = _UNSAFE.sub("_", base).replace("..", "__")
+    return "_" if not name.strip(".") else name
+
+
+# ----------------------------------------------------------------------------------------------- opening
+
+
+def open_shard_stream(url: str) -> BinaryIO:
+    """A forward-only binary stream of the shard; nothing is staged on disk. Raises ``ShardReadError``."""
+    scheme = urllib.parse.urlsplit(url).scheme if "://" in url else ""
+    try:
+        if scheme in ("", "file"):
+            path = urllib.request.url2pathname(urllib.parse.urlsplit(url).path) if scheme else url
+            return open(path, "rb")
+        if scheme in ("http", "https"):
+            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)  # noqa: S310 - scheme checked above
+        if scheme == "s3":
+            from pyarrow import fs  # imported here: pyarrow's S3 support is only needed for s3:// shards
+
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            s3 = fs.S3FileSystem(
+                endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None,
+                **({"region": region} if region else {}),
+            )
+            return s3.open_input_stream(url[len("s3://"):])
+    except urllib.error.HTTPError as err:
+        raise ShardReadError(f"cannot open shard {url}: HTTP {err.code} {err.reason}") from err
+    except (OSError, ValueError, urllib.error.URLError) as err:
+        raise ShardReadError(f"cannot open shard {url}: {err}") from err
+    raise ShardReadError(f"cannot open shard {url}: unsupported scheme {scheme!r}")
+
+
+# ----------------------------------------------------------------------------------------------- samples
+
+
+@dataclass
+class Sample:
+    """One key of a shard: a clip (``SSSSSRR_CCCCC``) or a failed source video (``SSSSSRR``).
+
+    ``mp4`` is None when the tar has no mp4 member for the key (failed source video), when that member was
+    cut off by a truncated shard, or when it was too large; ``read_error`` then says which of the latter.
+    A sample whose source status is ``success`` but which has no mp4 is a decode error for the job.
+    """
+
+    key: str
+    shard: str
+    mp4: bytes | None = None
+    url: str | None = None
+    video_id: str | None = None
+    clip_start_s: float | None = None
+    clip_end_s: float | None = None
+    source_caption: str | None = None
+    source_status: str = "unknown"  # the json's status ("success", "failed_to_download", ...)
+    source_error: str | None = None  # the json's error_message, or why the json is missing/unusable
+    meta_error: str | None = None  # fields of a readable json that could not be parsed (non-fatal)
+    read_error: str | None = None  # members that could not be read (truncated shard, oversized member)
+
+    @property
+    def source_failed(self) -> bool:
+        """The source video failed in video2dataset (``failed_to_download`` / ``failed_to_subsample``)."""
+        return self.source_status.startswith("failed")
+
+
+_YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]{11}$")
+
+
+def youtube_video_id(url: str | None) -> str | None:
+    """The 11-character id of a YouTube ``watch?v=``, ``youtu.be/``, ``/shorts/`` or ``/embed/`` URL."""
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    candidate = None
+    if host == "youtu.be":
+        candidate = parts.path.lstrip("/").split("/")[0]
+    elif host == "youtube.com" or host.endswith(".youtube.com"):
+        if parts.path == "/watch":
+            candidate = (urllib.parse.parse_qs(parts.query).get("v") or [None])[0]
+        elif parts.path.startswith(("/shorts/", "/embed/", "/v/")):
+            candidate = parts.path.split("/")[2]
+    return candidate if candidate and _YOUTUBE_ID.match(candidate) else None
+
+
+def parse_timestamp(value: object) -> float:
+    """Seconds from ``"H:MM:SS.mmm"`` / ``"HH:MM:SS.mmm"`` / ``"MM:SS"`` / a number. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a timestamp: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        parts = value.strip().split(":")
+        if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"\d+(\.\d+)?", p) for p in parts):
+            raise ValueError(f"not a timestamp: {value!r}")
+        seconds = 0.0
+        for part in parts:
+            seconds = seconds * 60 + float(part)
+    else:
+        raise ValueError(f"not a timestamp: {value!r}")
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        raise ValueError(f"not a timestamp: {value!r}")
+    return seconds
+
+
+def parse_clip_span(clips: object) -> tuple[float, float]:
+    """(start_s, end_s) of a success row's ``clips``: ``"[('00:00:03.500', '00:00:07.033')]"``.
+
+    Parsed with ``ast.literal_eval`` (never ``eval``); a list holding one pair or a bare pair is accepted.
+    Raises ValueError for anything else (several clips, bad timestamps, start after end).
+    """
+    value = clips
+    if isinstance(clips, str):
+        if len(clips) > 10_000:
+            raise ValueError("clips string too long")
+        try:
+            value = ast.literal_eval(clips)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as err:
+            raise ValueError(f"clips is not a Python literal: {clips[:80]!r}") from err
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (list, tuple)):
+        value = value[0]
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        raise ValueError(f"clips is not one (start, end) pair: {str(clips)[:80]!r}")
+    start, end = parse_timestamp(value[0]), parse_timestamp(value[1])
+    if end < start:
+        raise ValueError(f"clip ends before it starts: {str(clips)[:80]!r}")
+    return start, end
+
+
+def _decode_text(data: bytes, what: str, problems: list[str]) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        problems.append(f"{what} is not UTF-8")
+        return data.decode("utf-8", errors="replace")
+
+
+def build_sample(key: str, shard: str, members: dict[str, bytes], read_error: str | None = None) -> Sample:
+    """A ``Sample`` from a key's members (``{"json": ..., "mp4": ..., "txt": ...}``); never raises."""
+    sample = Sample(key=key, shard=shard, mp4=members.get("mp4"), read_error=read_error)
+    problems: list[str] = []
+    txt = _decode_text(members["txt"], ".txt", problems) if "txt" in members else None
+    meta: object = None
+    if "json" not in members:
+        sample.source_error = "no .json member for this key"
+    else:
+        try:
+            meta = json.loads(_decode_text(members["json"], ".json", problems))
+        except (ValueError, RecursionError) as err:
+            sample.source_error = f"invalid .json member: {str(err)[:200]}"
+        else:
+            if not isinstance(meta, dict):
+                sample.source_error = f".json member is a {type(meta).__name__}, not an object"
+                meta = None
+    if isinstance(meta, dict):
+        status = meta.get("status")
+        if isinstance(status, str) and status:
+            sample.source_status = status
+        else:
+            problems.append(f"status is {status!r}")
+        error = meta.get("error_message")
+        if error is not None:
+            sample.source_error = error if isinstance(error, str) else json.dumps(error)[:1000]
+        url = meta.get("url")
+        if isinstance(url, str):
+            sample.url = url
+            sample.video_id = youtube_video_id(url)
+        elif url is not None:
+            problems.append(f"url is a {type(url).__name__}")
+        caption = meta.get("caption")
+        if isinstance(caption, str):
+            sample.source_caption = caption
+        elif caption is not None:
+            problems.append(f"caption is a {type(caption).__name__}")
+        json_key = meta.get("key")
+        if json_key is not None and json_key != key:
+            problems.append(f"json key {str(json_key)[:40]!r} differs from the member key")
+        # Failed source videos keep the original multi-clip list: no single span to report.
+        if not sample.source_failed and "clips" in meta:
+            try:
+                sample.clip_start_s, sample.clip_end_s = parse_clip_span(meta["clips"])
+            except ValueError as err:
+                problems.append(str(err))
+    if sample.source_caption is None and txt is not None:
+        sample.source_caption = txt
+    if problems:
+        sample.meta_error = "; ".join(problems)
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------- tar
+
+
+class _TarEnd(Exception):
+    """The tar stream stopped: ``truncated`` says whether that was before the end-of-archive block."""
+
+    def __init__(self, reason: str, truncated: bool):
+        super().__init__(reason)
+        self.truncated = truncated
+
+
+@dataclass
+class _Member:
+    name: str
+    size: int
+    data: bytes | None  # None when skipped
+    complete: bool = True
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    chunks = []
+    while n > 0:
+        chunk = stream.read(min(n, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _skip(stream: BinaryIO, n: int) -> int:
+    """Read and drop ``n`` bytes (streams cannot seek); return how many were there."""
+    done = 0
+    while done < n:
+        chunk = stream.read(min(n - done, 1 << 20))
+        if not chunk:
+            break
+        done += len(chunk)
+    return done
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header, if any (records are ``"<len> key=value\\n"``)."""
+    pos = 0
+    while pos < len(data):
+        match = re.match(rb"(\d+) ", data[pos:pos + 20])
+        if not match or int(match.group(1)) <= 0:
+            return None
+        record = data[pos + len(match.group(0)):pos + int(match.group(1))]
+        pos += int(match.group(1))
+        if record.startswith(b"path="):
+            return record[5:].rstrip(b"\n").decode("utf-8", errors="replace")
+    return None
+
+
+def _iter_tar_members(stream: BinaryIO, wanted: tuple[str, ...]) -> Iterator[_Member]:
+    """Regular-file members in order; data read for names ending in ``.{wanted}``. Ends with ``_TarEnd``."""
+    offset = 0
+    long_name: str | None = None
+    while True:
+        header = _read_exact(stream, BLOCK)
+        if not header:
+            raise _TarEnd("shard is empty (0 bytes)" if offset == 0 else
+                          f"shard ends at byte {offset} without an end-of-archive block", truncated=True)
+        if len(header) < BLOCK:
+            raise _TarEnd(f"shard ends inside a tar header at byte {offset}", truncated=True)
+        if header == bytes(BLOCK):
+            raise _TarEnd("end of archive", truncated=False)
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as err:
+            raise _TarEnd(f"invalid tar header at byte {offset}: {err}", truncated=True) from None
+        offset += BLOCK
+        padded = -(-info.size // BLOCK) * BLOCK
+        name = long_name or info.name
+        long_name = None
+        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE):
+            data = _read_exact(stream, padded) if info.size <= 1 << 20 else b""
+            if len(data) < padded:
+                raise _TarEnd(f"shard ends inside an extended header at byte {offset}", truncated=True)
+            offset += padded
+            long_name = (data[: info.size].split(b"\0", 1)[0].decode("utf-8", errors="replace")
+                         if info.type == tarfile.GNUTYPE_LONGNAME else _pax_path(data[: info.size]))
+            continue
+        if info.type not in tarfile.REGULAR_TYPES:
+            got = _skip(stream, padded)
+            offset += got
+            if got < padded:
+                raise _TarEnd(f"shard ends inside member {name[:100]!r}", truncated=True)
+            continue
+        ext = name.rsplit("/", 1)[-1].partition(".")[2].lower()
+        if ext in wanted and info.size <= MAX_MEMBER_BYTES.get(ext, 0):
+            data = _read_exact(stream, info.size)
+            complete = len(data) == info.size
+            if complete:
+                complete = _skip(stream, padded - info.size) == padded - info.size
+            offset += padded
+            yield _Member(name, info.size, data, complete)
+        else:
+            got = _skip(stream, padded)
+            offset += padded
+            complete = got == padded
+            yield _Member(name, info.size, None, complete)
+        if not complete:
+            raise _TarEnd(f"shard ends inside member {name[:100]!r}", truncated=True)
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is the path up to the first dot of the basename; the rest is the extension."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+class ShardReader:
+    """Iterate a shard's samples in tar order, grouping consecutive members by key (webdataset-style).
+
+    ``ShardReader(url)`` opens nothing; iteration opens the stream and raises ``ShardReadError`` if it
+    cannot. A shard that ends early (or holds a corrupt header) stops the iteration after the last sample
+    it could form; ``truncated`` is then True and ``error`` says why. The key being read when the shard
+    ended is still yielded if any of its members was seen: a member cut short is dropped and named in
+    ``read_error`` (its mp4 is None, never a partial file).
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.shard = shard_name(url)
+        self.truncated = False
+        self.error: str | None = None
+        self.members_skipped = 0  # members other than .mp4/.json/.txt, or oversized
+
+    def __iter__(self) -> Iterator[Sample]:
+        self.truncated, self.error, self.members_skipped = False, None, 0
+        stream = open_shard_stream(self.url)
+        key: str | None = None
+        members: dict[str, bytes] = {}
+        problems: list[str] = []
+        try:
+            for member in _iter_tar_members(stream, READ_EXTENSIONS):
+                member_key, ext = _split_member_name(member.name)
+                if member_key != key:
+                    if key is not None:
+                        yield build_sample(key, self.shard, members, "; ".join(problems) or None)
+                    key, members, problems = member_key, {}, []
+                if not member.complete:
+                    problems.append(f".{ext} member cut off by the end of the shard")
+                elif member.data is None:
+                    self.members_skipped += 1
+                    if ext in READ_EXTENSIONS:
+                        problems.append(f".{ext} member too large ({member.size} bytes), skipped")
+                elif ext in members:
+                    problems.append(f"duplicate .{ext} member, the last one kept")
+                    members[ext] = member.data
+                else:
+                    members[ext] = member.data
+        except _TarEnd as end:
+            if end.truncated:
+                self.truncated, self.error = True, end.args[0]
+                if key is not None:
+                    problems.append(f"shard truncated: {end.args[0]}")
+        except (OSError, http.client.HTTPException) as err:  # connection dropped mid-stream
+            self.truncated, self.error = True, f"reading the shard failed: {err}"
+            if key is not None:
+                problems.append(f"shard truncated: {self.error}")
+        finally:
+            stream.close()
+        if key is not None:
+            yield build_sample(key, self.shard, members, "; ".join(problems) or None)

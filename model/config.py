@@ -66,6 +66,11 @@ PLLAVA_TOP_DEFAULTS: dict[str, Any] = {
     "frame_shape": [24, 24],
 }
 
+
+class ConfigError(ValueError):
+    """A config.json field is missing, ill-typed or invalid; the message names the field and the file."""
+
+
 _NULLABLE = {"num_key_value_heads", "pad_token_id", "bos_token_id", "eos_token_id", "rope_scaling"}
 _CHATML_VOCAB_SIZES = {64000, 64064}
 _CHATML_IMAGE_TOKEN_INDEXES = {64000, 64002}
@@ -76,7 +81,7 @@ def _check_type(value: Any, default: Any, field: str, source: str) -> Any:
     if value is None:
         if field.rsplit(".", 1)[-1] in _NULLABLE:
             return None
-        raise ValueError(f"{source}: field '{field}' must not be null")
+        raise ConfigError(f"{source}: field '{field}' must not be null")
     if default is None:  # nullable ints (num_key_value_heads, pad_token_id, ...) or rope_scaling (a dict)
         expected: tuple[type, ...] = (dict,) if field.endswith("rope_scaling") else (int,)
     elif isinstance(default, bool):
@@ -88,9 +93,9 @@ def _check_type(value: Any, default: Any, field: str, source: str) -> Any:
     else:
         expected = (type(default),)
     if isinstance(value, bool) and bool not in expected:
-        raise ValueError(f"{source}: field '{field}' must be {expected[0].__name__}, got bool ({value!r})")
+        raise ConfigError(f"{source}: field '{field}' must be {expected[0].__name__}, got bool ({value!r})")
     if not isinstance(value, expected):
-        raise ValueError(
+        raise ConfigError(
             f"{source}: field '{field}' must be {expected[0].__name__}, got {type(value).__name__} ({value!r})"
         )
     return float(value) if isinstance(default, float) else value
@@ -98,7 +103,7 @@ def _check_type(value: Any, default: Any, field: str, source: str) -> Any:
 
 def _fill_sub_config(raw: Any, defaults: dict[str, Any], prefix: str, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
-        raise ValueError(f"{source}: field '{prefix}' must be an object, got {type(raw).__name__}")
+        raise ConfigError(f"{source}: field '{prefix}' must be an object, got {type(raw).__name__}")
     return {
         key: _check_type(raw.get(key, default), default, f"{prefix}.{key}", source)
         for key, default in defaults.items()
@@ -108,13 +113,15 @@ def _fill_sub_config(raw: Any, defaults: dict[str, Any], prefix: str, source: st
 def _int_list(raw: dict[str, Any], field: str, length: int, source: str) -> tuple[int, ...]:
     value = raw.get(field, PLLAVA_TOP_DEFAULTS.get(field))
     if value is None:
-        raise ValueError(f"{source}: missing field '{field}'")
+        raise ConfigError(f"{source}: missing field '{field}'")
     if (
         not isinstance(value, list)
         or len(value) != length
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
-        raise ValueError(f"{source}: field '{field}' must be a list of {length} positive ints, got {value!r}")
+        raise ConfigError(
+            f"{source}: field '{field}' must be a list of {length} positive ints, got {value!r}"
+        )
     return tuple(value)
 
 
@@ -158,36 +165,40 @@ class PllavaConfig:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> PllavaConfig:
         if not isinstance(raw, dict):
-            raise ValueError(f"{source}: the config must be a JSON object")
+            raise ConfigError(f"{source}: the config must be a JSON object")
         architectures = raw.get("architectures")
         if not isinstance(architectures, list) or not architectures:
-            raise ValueError(f"{source}: missing field 'architectures' (expected one of {ACCEPTED_ARCHITECTURES})")
+            raise ConfigError(
+                f"{source}: missing field 'architectures' (expected one of {ACCEPTED_ARCHITECTURES})"
+            )
         if architectures[0] not in ACCEPTED_ARCHITECTURES:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: field 'architectures' is {architectures!r}, expected one of {ACCEPTED_ARCHITECTURES}"
             )
         for field in ("text_config", "vision_config", "num_frames", "pooling_shape"):
             if field not in raw:
-                raise ValueError(f"{source}: missing field '{field}'")
+                raise ConfigError(f"{source}: missing field '{field}'")
 
         text_raw, vision_raw = raw["text_config"], raw["vision_config"]
         text = _fill_sub_config(text_raw, LLAMA_437_DEFAULTS, "text_config", source)
         vision = _fill_sub_config(vision_raw, CLIP_VISION_437_DEFAULTS, "vision_config", source)
         if text_raw.get("model_type", "llama") != "llama":
-            raise ValueError(f"{source}: field 'text_config.model_type' must be 'llama', got {text_raw['model_type']!r}")
+            raise ConfigError(
+                f"{source}: field 'text_config.model_type' must be 'llama', got {text_raw['model_type']!r}"
+            )
         if vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: field 'vision_config.model_type' must be 'clip_vision_model', "
                 f"got {vision_raw['model_type']!r}"
             )
         if text["tie_word_embeddings"]:
-            raise ValueError(f"{source}: field 'text_config.tie_word_embeddings' must be false for PLLaVA")
+            raise ConfigError(f"{source}: field 'text_config.tie_word_embeddings' must be false for PLLaVA")
 
         def top(field: str, default: Any) -> Any:
             return _check_type(raw.get(field, default), default, field, source)
@@ -197,28 +208,32 @@ class PllavaConfig:
         frame_shape = _int_list(raw, "frame_shape", 2, source)
         image_token_index = top("image_token_index", PLLAVA_TOP_DEFAULTS["image_token_index"])
         layer = top("vision_feature_layer", PLLAVA_TOP_DEFAULTS["vision_feature_layer"])
-        strategy = top("vision_feature_select_strategy", PLLAVA_TOP_DEFAULTS["vision_feature_select_strategy"])
+        strategy = top(
+            "vision_feature_select_strategy", PLLAVA_TOP_DEFAULTS["vision_feature_select_strategy"]
+        )
         act = top("projector_hidden_act", PLLAVA_TOP_DEFAULTS["projector_hidden_act"])
         pooling_method = top("pooling_method", PLLAVA_TOP_DEFAULTS["pooling_method"])
 
         if num_frames < 1:
-            raise ValueError(f"{source}: field 'num_frames' must be >= 1, got {num_frames}")
+            raise ConfigError(f"{source}: field 'num_frames' must be >= 1, got {num_frames}")
         if pooling_method != "avg":
-            raise ValueError(f"{source}: field 'pooling_method' must be 'avg', got {pooling_method!r}")
+            raise ConfigError(f"{source}: field 'pooling_method' must be 'avg', got {pooling_method!r}")
         if strategy not in ("default", "full"):
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: field 'vision_feature_select_strategy' must be 'default' or 'full', got {strategy!r}"
             )
         grid = vision["image_size"] // vision["patch_size"]
         if frame_shape != (grid, grid):
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: field 'frame_shape' {list(frame_shape)} does not match the CLIP patch grid "
                 f"{grid}x{grid} (vision_config.image_size / patch_size)"
             )
         if not -vision["num_hidden_layers"] - 1 <= layer <= vision["num_hidden_layers"]:
-            raise ValueError(f"{source}: field 'vision_feature_layer' {layer} is out of range for the CLIP depth")
+            raise ConfigError(
+                f"{source}: field 'vision_feature_layer' {layer} is out of range for the CLIP depth"
+            )
         if not 0 <= image_token_index < text["vocab_size"]:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: field 'image_token_index' {image_token_index} is outside the vocabulary "
                 f"(text_config.vocab_size {text['vocab_size']})"
             )

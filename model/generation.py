@@ -68,8 +68,14 @@ def greedy_generate(
     embeds, mask, position_ids = model.prepare_inputs(input_ids, attention_mask, video_features)
     next_position = mask.sum(-1, keepdim=True)  # (B, 1): the first new token's position
     cache = DynamicCache(config=lm.config)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
-             logits_to_keep=1)
+    out = lm(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     steps: list[torch.Tensor] = []
@@ -86,8 +92,13 @@ def greedy_generate(
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        out = lm(inputs_embeds=model.embed_tokens(token[:, None]), attention_mask=mask, position_ids=next_position,
-                 cache=cache, use_cache=True)
+        out = lm(
+            inputs_embeds=model.embed_tokens(token[:, None]),
+            attention_mask=mask,
+            position_ids=next_position,
+            cache=cache,
+            use_cache=True,
+        )
         next_position = next_position + 1
 
     generated = torch.stack(steps, dim=1).tolist()  # (B, steps)
@@ -101,7 +112,9 @@ def greedy_generate(
                     ids, stopped = row[:i], True
                     break
         text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-        results.append(Generation(text=text, token_ids=ids, num_tokens=len(ids), hit_max_new_tokens=not stopped))
+        results.append(
+            Generation(text=text, token_ids=ids, num_tokens=len(ids), hit_max_new_tokens=not stopped)
+        )
     return results
 
 
@@ -125,8 +138,15 @@ def generate_captions(
     if len(prompts) != video_features.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {video_features.shape[0]} clips")
     input_ids, attention_mask = tokenize_prompts(loaded, prompts)
-    return greedy_generate(loaded, input_ids, attention_mask, video_features, max_new_tokens=max_new_tokens,
-                           repetition_penalty=repetition_penalty, ignore_eos=ignore_eos)
+    return greedy_generate(
+        loaded,
+        input_ids,
+        attention_mask,
+        video_features,
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=repetition_penalty,
+        ignore_eos=ignore_eos,
+    )
 
 
 def generate_text(
@@ -141,5 +161,12 @@ def generate_text(
     input_ids, attention_mask = tokenize_prompts(loaded, prompts)
     if torch.any(input_ids == loaded.config.image_token_index):
         raise ValueError("text-only prompts must not contain <image>")
-    return greedy_generate(loaded, input_ids, attention_mask, None, max_new_tokens=max_new_tokens,
-                           repetition_penalty=repetition_penalty, ignore_eos=ignore_eos)
+    return greedy_generate(
+        loaded,
+        input_ids,
+        attention_mask,
+        None,
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=repetition_penalty,
+        ignore_eos=ignore_eos,
+    )

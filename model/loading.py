@@ -37,7 +37,10 @@ _LORA_NAME = re.compile(
     r"(language_model\.model\.layers\.\d+\.self_attn\.(?:q_proj|v_proj))\.(base_layer|lora_A\.default|lora_B\.default)\.weight"
 )
 # Layer -2 features never reach CLIP's post_layernorm, and some exports drop it.
-_OPTIONAL = ("vision_tower.vision_model.post_layernorm.weight", "vision_tower.vision_model.post_layernorm.bias")
+_OPTIONAL = (
+    "vision_tower.vision_model.post_layernorm.weight",
+    "vision_tower.vision_model.post_layernorm.bias",
+)
 
 
 class CheckpointError(ValueError):
@@ -84,7 +87,11 @@ def read_safetensors(model_dir: Path, device: str | torch.device = "cpu") -> dic
             raise CheckpointError(f"{index_path}: unreadable index ({exc})") from exc
         shards: dict[str, set[str]] = {}
         for name, filename in weight_map.items():
-            if not isinstance(filename, str) or Path(filename).name != filename or not filename.endswith(".safetensors"):
+            if (
+                not isinstance(filename, str)
+                or Path(filename).name != filename
+                or not filename.endswith(".safetensors")
+            ):
                 raise CheckpointError(f"{index_path}: bad shard file name {filename!r} for {name}")
             shards.setdefault(filename, set()).add(name)
     elif single.is_file():
@@ -117,7 +124,9 @@ def read_safetensors(model_dir: Path, device: str | torch.device = "cpu") -> dic
     return state
 
 
-def split_lora(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def split_lora(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """PEFT names -> plain names. Returns (base weights by model name, {module: (lora_A, lora_B)}).
 
     Names that match nothing stay as they are, so the strict key check reports them.
@@ -125,7 +134,7 @@ def split_lora(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     base: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
-        plain = "language_model." + name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        plain = "language_model." + name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
         match = _LORA_NAME.fullmatch(plain)
         if match and match.group(2) != "base_layer":
             parts.setdefault(match.group(1), {})[match.group(2)[:6]] = tensor
@@ -204,7 +213,9 @@ def _read_preprocessor(model_dir: Path, config: PllavaConfig) -> tuple[tuple, tu
     crop = raw.get("crop_size", config.vision["image_size"])
     size = crop.get("height") if isinstance(crop, dict) else crop
     if size != config.vision["image_size"]:
-        raise CheckpointError(f"{path}: crop size {size} differs from the CLIP image size {config.vision['image_size']}")
+        raise CheckpointError(
+            f"{path}: crop size {size} differs from the CLIP image size {config.vision['image_size']}"
+        )
     return mean, std, size  # type: ignore[return-value]
 
 
@@ -222,7 +233,10 @@ def _load_tokenizer(model_dir: Path, config: PllavaConfig) -> PreTrainedTokenize
 
 
 def build_model(
-    config: PllavaConfig, state: dict[str, torch.Tensor], device: torch.device, attn_implementation: str = "sdpa"
+    config: PllavaConfig,
+    state: dict[str, torch.Tensor],
+    device: torch.device,
+    attn_implementation: str = "sdpa",
 ) -> PllavaModel:
     """Builds the skeleton on `meta` and assigns `state` (plain names, LoRA merged) to it, strictly."""
     with torch.device("meta"):
@@ -236,7 +250,9 @@ def build_model(
             f"missing tensors ({len(missing)}): {_list(missing) or '-'}; "
             f"unexpected tensors ({len(unexpected)}): {_list(unexpected) or '-'}"
         )
-    wrong = {f"{n} {tuple(t.shape)} != {expected[n]}" for n, t in state.items() if tuple(t.shape) != expected[n]}
+    wrong = {
+        f"{n} {tuple(t.shape)} != {expected[n]}" for n, t in state.items() if tuple(t.shape) != expected[n]
+    }
     if wrong:
         raise CheckpointError(f"{config.source}: tensor shapes do not match the config: {_list(wrong)}")
     for name in _OPTIONAL:
@@ -280,7 +296,9 @@ def load_pllava(
     if lora:
         rank = lora_rank_of(lora)
         if adapter_rank is not None and adapter_rank != rank:
-            raise CheckpointError(f"{model_dir}: adapter_config.json says r={adapter_rank}, lora_A shapes say {rank}")
+            raise CheckpointError(
+                f"{model_dir}: adapter_config.json says r={adapter_rank}, lora_A shapes say {rank}"
+            )
         if lora_alpha is None:
             if adapter_alpha is None:
                 raise ValueError(f"{model_dir}: lora_alpha=None needs an adapter_config.json with lora_alpha")
@@ -290,7 +308,11 @@ def load_pllava(
     else:
         rank, used_alpha = None, None
         if lora_alpha is not None and lora_alpha != DEFAULT_LORA_ALPHA:
-            log.warning("%s: checkpoint has its LoRA merged already; lora_alpha=%s is not applied", model_dir, lora_alpha)
+            log.warning(
+                "%s: checkpoint has its LoRA merged already; lora_alpha=%s is not applied",
+                model_dir,
+                lora_alpha,
+            )
     model = build_model(config, base, device, attn_implementation)
 
     mean, std, size = _read_preprocessor(model_dir, config)

@@ -97,12 +97,16 @@ class PllavaModel(nn.Module):
         if cfg.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]  # drop CLS: (B*T, P, Dv)
         if hidden.shape[1] != h * w:
-            raise ValueError(f"CLIP gave {hidden.shape[1]} patch tokens per frame, frame_shape {h}x{w} needs {h * w}")
+            raise ValueError(
+                f"CLIP gave {hidden.shape[1]} patch tokens per frame, frame_shape {h}x{w} needs {h * w}"
+            )
         tokens = self.multi_modal_projector(hidden)  # (B*T, P, D)
 
         video = tokens.view(batch, num_real, h, w, -1)  # (B, T, h, w, D)
         if num_real < cfg.num_frames:
-            video = video[:, repeat_frame_indices(num_real, cfg.num_frames).to(video.device)]  # (B, T_full, h, w, D)
+            video = video[
+                :, repeat_frame_indices(num_real, cfg.num_frames).to(video.device)
+            ]  # (B, T_full, h, w, D)
         video = video.permute(0, 4, 1, 2, 3)  # (B, D, T_full, h, w)
         pooled = self.pooling(video)  # (B, D, T', h', w')
         return pooled.flatten(2).transpose(1, 2)  # (B, T'*h'*w', D), frame-major like the reference

@@ -82,7 +82,11 @@ VICUNA = PromptTemplate(
     family="vicuna", version="vicuna-v1", system=SYSTEM_VIDEO, text_system=SYSTEM_TEXT, stop_tokens=("</s>",)
 )
 CHATML = PromptTemplate(
-    family="chatml", version="chatml-v1", system=SYSTEM_VIDEO, text_system=SYSTEM_TEXT, stop_tokens=("<|im_end|>",)
+    family="chatml",
+    version="chatml-v1",
+    system=SYSTEM_VIDEO,
+    text_system=SYSTEM_TEXT,
+    stop_tokens=("<|im_end|>",),
 )
 
 
@@ -108,4 +112,3 @@ def template_for_model_dir(model_dir: str | Path) -> PromptTemplate:
             vocab["<|im_start|>"] = -1
             break
     return template_for(detect_family(config, vocab))
-

@@ -13,6 +13,7 @@ Weights are random (random text comes out); the same seed gives byte-identical f
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -27,12 +28,26 @@ from model.config import CLIP_VISION_437_DEFAULTS, LLAMA_437_DEFAULTS
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-               "image_size": 336, "patch_size": 14, "projection_dim": 768}
-TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 4, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "pad_token_id": 0}
+TINY_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+}
+TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "pad_token_id": 0,
+}
 LORA_RANK = 8
-TRAIN_LORA_ALPHA = 32.0
 NUM_MERGES = 400
 PEFT_PREFIX = "language_model.base_model.model."
 
@@ -70,7 +85,7 @@ def _learn_bpe(corpus: str, num_merges: int) -> tuple[dict[str, int], list[tuple
         pairs: Counter[tuple[str, str]] = Counter()
         for word, count in words.items():
             symbols = splits[word]
-            for pair in zip(symbols, symbols[1:]):
+            for pair in itertools.pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             break
@@ -110,9 +125,16 @@ def _tokenizer_files(tokenizer: Tokenizer, family: str) -> dict[str, dict]:
     eos = "<|im_end|>" if family == "chatml" else "</s>"
     specials = {"bos_token": "<s>", "eos_token": eos, "unk_token": "<unk>", "pad_token": "<pad>"}
     added = {
-        str(tokenizer.token_to_id(tok)): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True}
-        for tok in ["<unk>", "<s>", "</s>", "<image>", "<pad>"] + (["<|im_start|>", "<|im_end|>"] if family == "chatml" else [])
+        str(tokenizer.token_to_id(tok)): {
+            "content": tok,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for tok in ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+        + (["<|im_start|>", "<|im_end|>"] if family == "chatml" else [])
     }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -185,8 +207,12 @@ def _random_weights(vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
     def norm(dim: int) -> torch.Tensor:
         return 1.0 + normal(dim, std=0.05)
 
-    dv, dv_ff, dt, dt_ff = (TINY_VISION["hidden_size"], TINY_VISION["intermediate_size"],
-                            TINY_TEXT["hidden_size"], TINY_TEXT["intermediate_size"])
+    dv, dv_ff, dt, dt_ff = (
+        TINY_VISION["hidden_size"],
+        TINY_VISION["intermediate_size"],
+        TINY_TEXT["hidden_size"],
+        TINY_TEXT["intermediate_size"],
+    )
     patch, grid = TINY_VISION["patch_size"], TINY_VISION["image_size"] // TINY_VISION["patch_size"]
     w: dict[str, torch.Tensor] = {}
     v = "vision_tower.vision_model."
@@ -197,7 +223,10 @@ def _random_weights(vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
     for i in range(TINY_VISION["num_hidden_layers"]):
         p = f"{v}encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            w[f"{p}self_attn.{proj}.weight"], w[f"{p}self_attn.{proj}.bias"] = linear(dv, dv), normal(dv, std=0.05)
+            w[f"{p}self_attn.{proj}.weight"], w[f"{p}self_attn.{proj}.bias"] = (
+                linear(dv, dv),
+                normal(dv, std=0.05),
+            )
         for ln in ("layer_norm1", "layer_norm2"):
             w[f"{p}{ln}.weight"], w[f"{p}{ln}.bias"] = norm(dv), normal(dv, std=0.05)
         w[f"{p}mlp.fc1.weight"], w[f"{p}mlp.fc1.bias"] = linear(dv_ff, dv), normal(dv_ff, std=0.05)
@@ -245,12 +274,16 @@ def merge_lora_layout(weights: dict[str, torch.Tensor], lora_alpha: float) -> di
 def _write_shards(weights: dict[str, torch.Tensor], outdir: Path) -> None:
     """Vision + projector in shard 1, the language model in shard 2, plus the index (as the hub layout)."""
     names = sorted(weights)
-    groups = [[n for n in names if not n.startswith("language_model.")],
-              [n for n in names if n.startswith("language_model.")]]
+    groups = [
+        [n for n in names if not n.startswith("language_model.")],
+        [n for n in names if n.startswith("language_model.")],
+    ]
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups, start=1):
         filename = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: weights[n].contiguous() for n in group}, str(outdir / filename), metadata={"format": "pt"})
+        save_file(
+            {n: weights[n].contiguous() for n in group}, str(outdir / filename), metadata={"format": "pt"}
+        )
         weight_map.update(dict.fromkeys(group, filename))
     total = sum(t.numel() * t.element_size() for t in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -272,7 +305,9 @@ def build_tiny_checkpoint(
     tokenizer = build_tokenizer(family)
     tokenizer.save(str(out / "tokenizer.json"))
     for filename, content in _tokenizer_files(tokenizer, family).items():
-        (out / filename).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (out / filename).write_text(
+            json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
     image_token_index = tokenizer.token_to_id("<image>")
     vocab_size = (tokenizer.get_vocab_size() + 63) // 64 * 64  # padded like Vicuna's 32064
@@ -303,11 +338,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=["vicuna", "chatml"], default="vicuna")
-    parser.add_argument("--merged", action="store_true", help="write the plain merged layout (LoRA folded in)")
+    parser.add_argument(
+        "--merged", action="store_true", help="write the plain merged layout (LoRA folded in)"
+    )
     parser.add_argument("--merge-alpha", type=float, default=4.0, help="alpha used by --merged")
     args = parser.parse_args(argv)
-    path = build_tiny_checkpoint(args.outdir, seed=args.seed, family=args.family, merged=args.merged,
-                                 merge_alpha=args.merge_alpha)
+    path = build_tiny_checkpoint(
+        args.outdir, seed=args.seed, family=args.family, merged=args.merged, merge_alpha=args.merge_alpha
+    )
     print(path)
 
 

@@ -74,7 +74,9 @@ def test_missing_and_unexpected_tensors_are_all_listed(tiny_dir, tmp_path):
 
 def test_incomplete_lora_is_an_error(tiny_dir, tmp_path):
     out = copy_checkpoint(tiny_dir, tmp_path)
-    edit_tensors(out, drop=["language_model.base_model.model.model.layers.0.self_attn.v_proj.lora_B.default.weight"])
+    edit_tensors(
+        out, drop=["language_model.base_model.model.model.layers.0.self_attn.v_proj.lora_B.default.weight"]
+    )
     with pytest.raises(CheckpointError, match="layers.0.self_attn.v_proj is incomplete"):
         load_pllava(out)
 
@@ -99,8 +101,13 @@ def test_shape_mismatch_is_an_error(tiny_dir, tmp_path):
 @torch.inference_mode()
 def test_post_layernorm_may_be_absent(tiny_dir, tmp_path, loaded):
     out = copy_checkpoint(tiny_dir, tmp_path)
-    edit_tensors(out, drop=["vision_tower.vision_model.post_layernorm.weight",
-                            "vision_tower.vision_model.post_layernorm.bias"])
+    edit_tensors(
+        out,
+        drop=[
+            "vision_tower.vision_model.post_layernorm.weight",
+            "vision_tower.vision_model.post_layernorm.bias",
+        ],
+    )
     without = load_pllava(out)
     clips = torch.randn(1, 2, 3, 336, 336)
     torch.testing.assert_close(without.model.encode_videos(clips), loaded.model.encode_videos(clips))

@@ -54,12 +54,16 @@ def test_clip_attention_is_not_touched_by_the_lora(tiny_dir, by_alpha):
 def peft_reference(tiny_dir, by_alpha):
     """An independent oracle: the alpha=0 model (= base weights) with PEFT's *unmerged* LoRA on q/v_proj."""
     base = load_pllava(tiny_dir, lora_alpha=0.0).model
-    config = LoraConfig(r=8, lora_alpha=8, target_modules=r".*layers\.\d+\.self_attn\.(q_proj|v_proj)", lora_dropout=0.0)
+    config = LoraConfig(
+        r=8, lora_alpha=8, target_modules=r".*layers\.\d+\.self_attn\.(q_proj|v_proj)", lora_dropout=0.0
+    )
     base.language_model = get_peft_model(base.language_model, config)
     with torch.no_grad():
         for layer in range(2):
             for proj in ("q_proj", "v_proj"):
-                module = base.language_model.get_submodule(f"base_model.model.model.layers.{layer}.self_attn.{proj}")
+                module = base.language_model.get_submodule(
+                    f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+                )
                 prefix = f"language_model.base_model.model.model.layers.{layer}.self_attn.{proj}"
                 module.lora_A["default"].weight.copy_(raw_tensor(tiny_dir, f"{prefix}.lora_A.default.weight"))
                 module.lora_B["default"].weight.copy_(raw_tensor(tiny_dir, f"{prefix}.lora_B.default.weight"))

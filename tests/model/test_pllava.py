@@ -14,7 +14,11 @@ def test_released_pooling_gives_2304_tokens_per_clip(loaded):
 @pytest.mark.parametrize("shape", [(4, 6, 6), (8, 12, 12), (16, 24, 24), (1, 1, 1)])
 def test_other_pooling_shapes(loaded, shape):
     variant = with_pooling(loaded, shape)
-    assert variant.model.encode_videos(random_clips(1, seed=2)).shape == (1, shape[0] * shape[1] * shape[2], 64)
+    assert variant.model.encode_videos(random_clips(1, seed=2)).shape == (
+        1,
+        shape[0] * shape[1] * shape[2],
+        64,
+    )
 
 
 @torch.inference_mode()
@@ -42,7 +46,9 @@ def test_fewer_frames_are_padded_by_repetition(loaded_small, real):
     clips = random_clips(2, frames=real, seed=4)
     explicit = clips[:, repeat_frame_indices(real, 16)]  # (B, 16, 3, H, W)
     model = loaded_small.model
-    torch.testing.assert_close(model.encode_videos(clips), model.encode_videos(explicit), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model.encode_videos(clips), model.encode_videos(explicit), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_frame_count_is_checked(loaded_small):
@@ -58,7 +64,11 @@ def _batch(loaded, questions):
     return enc["input_ids"], enc["attention_mask"]
 
 
-QUESTIONS = ["Hi?", "Describe the video.", "What does the man in the red jacket do on the snowy mountain trail?"]
+QUESTIONS = [
+    "Hi?",
+    "Describe the video.",
+    "What does the man in the red jacket do on the snowy mountain trail?",
+]
 
 
 @torch.inference_mode()
@@ -72,9 +82,9 @@ def test_merge_puts_visual_tokens_at_the_image_slot(loaded_small):
     text = model.embed_tokens(ids)
     for row in range(3):
         slot = int((ids[row] == loaded_small.config.image_token_index).nonzero())
-        torch.testing.assert_close(embeds[row, slot:slot + n], feats[row])
+        torch.testing.assert_close(embeds[row, slot : slot + n], feats[row])
         torch.testing.assert_close(embeds[row, :slot], text[row, :slot])
-        torch.testing.assert_close(embeds[row, slot + n:], text[row, slot + 1:])
+        torch.testing.assert_close(embeds[row, slot + n :], text[row, slot + 1 :])
         pads = int((mask[row] == 0).sum())
         assert merged_mask[row, :pads].sum() == 0 and merged_mask[row, pads:].all()  # pads stay in front
         assert pos[row, pads:].tolist() == list(range(ids.shape[1] - pads - 1 + n))
@@ -89,7 +99,7 @@ def test_left_padded_batch_equals_single_rows(loaded_small):
     batch_logits, batch_mask = model(ids, mask, pixel_values=clips)
     for row, question in enumerate(QUESTIONS):
         one_ids, one_mask = _batch(loaded_small, [question])
-        single, _ = model(one_ids, one_mask, pixel_values=clips[row:row + 1])
+        single, _ = model(one_ids, one_mask, pixel_values=clips[row : row + 1])
         length = single.shape[1]
         assert batch_mask[row, -length:].all() and batch_mask[row, :-length].sum() == 0
         torch.testing.assert_close(batch_logits[row, -length:], single[0], atol=1e-5, rtol=1e-4)

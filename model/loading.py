@@ -76,8 +76,13 @@ def _list(names: set[str], limit: int = 20) -> str:
     return ", ".join(shown) + more
 
 
-def read_safetensors(model_dir: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, by name, checked against the index when there is one."""
+def read_safetensors(
+    model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, by name, checked against the index when there is one.
+
+    Floating tensors are cast to `dtype` one at a time, so a 7B never exists twice in memory.
+    """
     index_path = model_dir / "model.safetensors.index.json"
     single = model_dir / "model.safetensors"
     if index_path.is_file():
@@ -120,7 +125,8 @@ def read_safetensors(model_dir: Path, device: str | torch.device = "cpu") -> dic
             for key in keys:
                 if key in state:
                     raise CheckpointError(f"{path}: tensor {key} also appears in another shard")
-                state[key] = f.get_tensor(key)
+                tensor = f.get_tensor(key)
+                state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return state
 
 
@@ -288,8 +294,7 @@ def load_pllava(
     tokenizer = _load_tokenizer(model_dir, config)
     family = detect_family(config, tokenizer.get_vocab())
 
-    state = read_safetensors(model_dir, device)
-    state = {n: t.to(torch_dtype) if t.is_floating_point() else t for n, t in state.items()}
+    state = read_safetensors(model_dir, device, torch_dtype)
     base, lora = split_lora(state)
     del state
     adapter_rank, adapter_alpha = _read_adapter_config(model_dir)

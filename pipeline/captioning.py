@@ -69,7 +69,8 @@ class Captioner:
         if self.want_zh and self.zh_mode == "mt":
             from model.translation import load_translator
 
-            self.translator = load_translator(m.zh.mt_model, dtype=dtype, device=self.device)
+            self.translator = load_translator(m.zh.mt_model, dtype=dtype, device=self.device,
+                                              source_prefix=m.zh.mt_source_prefix)
         self.prompt_version = prompt_version_for(m, template)
         self.model_name = self.loaded.name
         self.lora_alpha = self.loaded.lora_alpha

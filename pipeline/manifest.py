@@ -57,6 +57,7 @@ class ZhSpec:
     variant: str = "zh-Hans"
     max_new_tokens: int = 400
     mt_model: str | None = None  # local directory of a seq2seq en->zh model, for mode "mt"
+    mt_source_prefix: str = ""  # e.g. ">>cmn_Hans<< " for opus-mt multi-target models
 
 
 @dataclass(frozen=True)

@@ -172,15 +172,15 @@ def _caption(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "."
 
 
-def _yt_meta(rng: random.Random, video_id: str, clips: list[_Clip]) -> dict | None:
-    choice = rng.random()
-    if choice < 0.3:
+def _yt_meta(rng: random.Random, variant: int, video_id: str, clips: list[_Clip]) -> dict | None:
+    """The four shapes seen in the wild, in turn: null, {}, a dict, a dict with subtitles."""
+    if variant % 4 == 0:
         return None
-    if choice < 0.5:
+    if variant % 4 == 1:
         return {}
     meta = {"id": video_id, "title": _caption(rng), "uploader": "synthetic", "duration": 600,
             "description": _caption(rng) + " \u00e9\u4e2d\u6587"}
-    if rng.random() < 0.6 and clips:
+    if variant % 4 == 3 and clips:
         start, end = clips[0].start_s, clips[-1].end_s
         step = max(0.5, (end - start) / 3)
         meta["subtitles"] = [
@@ -191,11 +191,12 @@ def _yt_meta(rng: random.Random, video_id: str, clips: list[_Clip]) -> dict | No
 
 
 def _plan_shard(
-    rng: random.Random, clips_per_shard: int, failed: int, corrupt: int, large_sizes: list[tuple[int, int]]
+    rng: random.Random, clips_per_shard: int, failed: int, corrupt: int, variety: dict
 ) -> list[_Video]:
     """Source videos of one shard (row order), each with 1-3 clips; K failed; K corrupt clips mixed in.
 
-    ``large_sizes`` is consumed: its sizes go to the first good clips planned.
+    ``variety`` carries counters across shards: sizes, frame counts, frame rates and audio go round their
+    lists so that even a few clips cover them; ``variety["large"]`` goes to the first good clips.
     """
     kinds = ["ok"] * clips_per_shard + ["corrupt"] * corrupt
     rng.shuffle(kinds)
@@ -222,14 +223,16 @@ def _plan_shard(
         t = round(rng.uniform(0, 20), 3)
         for clip_id, clip in enumerate(video.clips):
             clip.clip_id = clip_id
-            if large_sizes and not clip.corrupt and not video.failed:
-                clip.width, clip.height = large_sizes.pop(0)
+            n = variety["clips"]
+            variety["clips"] += 1
+            if variety["large"] and not clip.corrupt and not video.failed:
+                clip.width, clip.height = variety["large"].pop(0)
                 clip.n_frames = 10 if clip.width > clip.height else 20
             else:
-                clip.width, clip.height = rng.choice(SMALL_SIZES)
-                clip.n_frames = rng.choice(FRAME_COUNTS)
-            clip.fps = rng.choice(FRAME_RATES)
-            clip.audio = rng.random() < 0.5
+                clip.width, clip.height = SMALL_SIZES[n % len(SMALL_SIZES)]
+                clip.n_frames = FRAME_COUNTS[(n * 4) % len(FRAME_COUNTS)]
+            clip.fps = FRAME_RATES[n % len(FRAME_RATES)]
+            clip.audio = n % 2 == 0
             clip.start_s = t
             clip.end_s = round(t + clip.n_frames / clip.fps, 3)
             clip.caption = _caption(rng)
@@ -239,14 +242,17 @@ def _plan_shard(
                 clip.corrupt = corrupt_kinds[n_corrupt % len(corrupt_kinds)]
                 n_corrupt += 1
         # Rarely ffmpeg yields one segment fewer and the middle clip is lost: keys skip a clip number.
-        good_middle = len(video.clips) == 3 and not video.failed and video.clips[1].corrupt is None
+        middle = video.clips[1] if len(video.clips) == 3 and not video.failed else None
+        good_middle = middle is not None and middle.corrupt is None and (middle.width, middle.height) in SMALL_SIZES
         if good_middle and rng.random() < 0.2:
             last = video.clips[2]
             video.clips.append(_Clip(3, last.end_s, round(last.end_s + last.n_frames / last.fps, 3),
                                      _caption(rng), 0.3, width=last.width, height=last.height,
                                      n_frames=last.n_frames, fps=last.fps))
             video.clips[1].written = False
-        video.yt_meta = None if video.failed == "failed_to_download" else _yt_meta(rng, vid, video.clips)
+        video.yt_meta = None if video.failed == "failed_to_download" else _yt_meta(
+            rng, variety["videos"], vid, video.clips)
+        variety["videos"] += 1
     return videos
 
 
@@ -280,10 +286,10 @@ def write_synthetic_shards(
     outdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     planted: dict[str, dict[str, str]] = {}
-    large_sizes = list(LARGE_SIZES)
+    variety = {"clips": 0, "videos": 0, "large": list(LARGE_SIZES)}
     for shard_id in range(shards):
         shard = f"{shard_id:0{OOM_SHARD_COUNT}d}"
-        videos = _plan_shard(rng, clips_per_shard, failed, corrupt, large_sizes)
+        videos = _plan_shard(rng, clips_per_shard, failed, corrupt, variety)
         oom = math.ceil(math.log10(max(SAMPLES_PER_SHARD, len(videos))))
         order = list(videos)
         rng.shuffle(order)  # download-completion order, not row order

@@ -196,7 +196,9 @@ def parse_clip_span(clips: object) -> tuple[float, float]:
             value = ast.literal_eval(clips)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as err:
             raise ValueError(f"clips is not a Python literal: {clips[:80]!r}") from err
-    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (list, tuple)):
+    if isinstance(value, list) and value and all(isinstance(span, (list, tuple)) for span in value):
+        if len(value) != 1:
+            raise ValueError(f"clips holds {len(value)} spans, not one (start, end) pair")
         value = value[0]
     if not (isinstance(value, (list, tuple)) and len(value) == 2):
         raise ValueError(f"clips is not one (start, end) pair: {str(clips)[:80]!r}")
@@ -387,8 +389,8 @@ class ShardReader:
     ``ShardReader(url)`` opens nothing; iteration opens the stream and raises ``ShardReadError`` if it
     cannot. A shard that ends early (or holds a corrupt header) stops the iteration after the last sample
     it could form; ``truncated`` is then True and ``error`` says why. The key being read when the shard
-    ended is still yielded if any of its members was seen: a member cut short is dropped and named in
-    ``read_error`` (its mp4 is None, never a partial file).
+    ended is still yielded if any of its members was seen, with ``read_error`` set: a member cut short is
+    dropped (its mp4 is None, never a partial file); an mp4 that is there was read completely.
     """
 
     def __init__(self, url: str):

@@ -20,10 +20,11 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal
+from typing import Literal, Self
 
 import numpy as np
 
@@ -70,8 +71,9 @@ def _receive_frames(conn: multiprocessing.connection.Connection, header: dict) -
     if conn.recv_bytes_into(payload) != len(payload):
         raise ValueError("frame payload of the wrong size")
     frames = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+    indices = [int(i) for i in header["frame_indices"]]
     return Frames(frames, float(header["fps"]), int(header["num_frames"]), int(header["width"]),
-                  int(header["height"]), float(header["duration_s"]), [int(i) for i in header["frame_indices"]])
+                  int(header["height"]), float(header["duration_s"]), indices)
 
 
 @dataclass
@@ -178,7 +180,7 @@ class DecodePool:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._threads = None
 
-    def __enter__(self) -> DecodePool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -226,7 +228,8 @@ class DecodePool:
             try:
                 head.result = head.future.result(timeout=max(0.0, head.deadline - time.monotonic()))
             except FutureTimeout:
-                head.result = DecodeFailure(f"decoding took longer than {self.timeout_s:g}s (thread abandoned)")
+                reason = f"decoding took longer than {self.timeout_s:g}s (thread abandoned)"
+                head.result = DecodeFailure(reason)
                 log.warning("key %s: decode timed out after %gs in a thread", head.sample.key, self.timeout_s)
             except Exception as err:  # noqa: BLE001
                 head.result = DecodeFailure(f"unexpected error while decoding: {type(err).__name__}: {err}")

@@ -1,8 +1,9 @@
 """Reading Panda-70M webdataset shards: shard lists, streaming, and one ``Sample`` per key (DESIGN §2).
 
 Shard contents are untrusted: only ``.mp4``, ``.json`` and ``.txt`` members are read, nothing is unpickled
-or ``eval``-ed, and member names are never used as paths. Errors in a sample are data (``Sample.source_error``,
-``Sample.meta_error``, ``Sample.read_error``); only an unreadable shard raises (``ShardReadError``).
+or ``eval``-ed, and member names are never used as paths. Errors in a sample are data
+(``Sample.source_error``, ``Sample.meta_error``, ``Sample.read_error``); only an unreadable shard raises
+(``ShardReadError``).
 
 The tar is parsed here, one 512-byte header at a time (``tarfile.TarInfo.frombuf``), instead of with
 ``tarfile``'s stream mode, because the latter ends silently on a shard cut at a member boundary: we must
@@ -14,14 +15,16 @@ from __future__ import annotations
 import ast
 import http.client
 import json
+import math
 import os
 import re
 import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 BLOCK = 512
 READ_EXTENSIONS = ("mp4", "json", "txt")
@@ -74,8 +77,7 @@ def shard_name(url: str) -> str:
     path = urllib.parse.urlsplit(url).path if "://" in url else url
     base = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     base = urllib.parse.unquote(base)
-    if base.endswith(".tar"):
-        base = base[: -len(".tar")]
+    base = base.removesuffix(".tar")
     name = _UNSAFE.sub("_", base).replace("..", "__")
     return "_" if not name.strip(".") else name
 
@@ -91,7 +93,7 @@ def open_shard_stream(url: str) -> BinaryIO:
             path = urllib.request.url2pathname(urllib.parse.urlsplit(url).path) if scheme else url
             return open(path, "rb")
         if scheme in ("http", "https"):
-            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)  # noqa: S310 - scheme checked above
+            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
         if scheme == "s3":
             from pyarrow import fs  # imported here: pyarrow's S3 support is only needed for s3:// shards
 
@@ -165,7 +167,7 @@ def youtube_video_id(url: str | None) -> str | None:
 def parse_timestamp(value: object) -> float:
     """Seconds from ``"H:MM:SS.mmm"`` / ``"HH:MM:SS.mmm"`` / ``"MM:SS"`` / a number. Raises ValueError."""
     if isinstance(value, bool):
-        raise ValueError(f"not a timestamp: {value!r}")
+        raise ValueError(f"not a timestamp: {value!r}")  # noqa: TRY004 - callers handle one error type
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
@@ -176,8 +178,8 @@ def parse_timestamp(value: object) -> float:
         for part in parts:
             seconds = seconds * 60 + float(part)
     else:
-        raise ValueError(f"not a timestamp: {value!r}")
-    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        raise ValueError(f"not a timestamp: {value!r}")  # noqa: TRY004 - callers handle one error type
+    if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"not a timestamp: {value!r}")
     return seconds
 
@@ -377,7 +379,7 @@ def _iter_tar_members(stream: BinaryIO, wanted: tuple[str, ...]) -> Iterator[_Me
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
-    """webdataset's rule: the key is the path up to the first dot of the basename; the rest is the extension."""
+    """webdataset's rule: the key is the path up to the basename's first dot; the rest is the extension."""
     folder, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext.lower()

@@ -51,8 +51,9 @@ DOWNLOAD_ERRORS = [
     "ERROR: [youtube]: Private video. Sign in if you've been granted access to this video",
 ]
 SUBSAMPLE_ERRORS = ["Video had no clips longer than 0.0", "ffmpeg error (see stderr output for detail)"]
-WORDS = ("a man woman dog cat red blue car street kitchen ball runs walks talks camera slowly "
-         "the in on with while near table bright green field").split()
+WORDS = ["a", "man", "woman", "dog", "cat", "red", "blue", "car", "street", "kitchen", "ball", "runs",
+         "walks", "talks", "camera", "slowly", "the", "in", "on", "with", "while", "near", "table", "bright",
+         "green"]
 
 
 # ----------------------------------------------------------------------------------------------- video
@@ -243,7 +244,8 @@ def _plan_shard(
                 n_corrupt += 1
         # Rarely ffmpeg yields one segment fewer and the middle clip is lost: keys skip a clip number.
         middle = video.clips[1] if len(video.clips) == 3 and not video.failed else None
-        good_middle = middle is not None and middle.corrupt is None and (middle.width, middle.height) in SMALL_SIZES
+        good_middle = (middle is not None and not middle.corrupt
+                       and (middle.width, middle.height) in SMALL_SIZES)
         if good_middle and rng.random() < 0.2:
             last = video.clips[2]
             video.clips.append(_Clip(3, last.end_s, round(last.end_s + last.n_frames / last.fps, 3),
@@ -340,7 +342,8 @@ def write_synthetic_shards(
                     if subtitles is not None:
                         meta["clip_subtitles"] = [
                             line for line in subtitles
-                            if max(clip.start_s, _seconds(line["start"])) < min(clip.end_s, _seconds(line["end"]))
+                            if max(clip.start_s, _seconds(line["start"]))
+                            < min(clip.end_s, _seconds(line["end"]))
                         ]
                     tar.write({"__key__": clip_key, "mp4": mp4, "txt": clip.caption,
                                "json": json.dumps(meta, indent=4)})

@@ -131,7 +131,7 @@ def test_unreadable_shards_raise(shards_dir: Path, http_base: str) -> None:
             next(iter(reader))
 
 
-def test_truncated_shard_keeps_keys_and_flags_the_cut(shards_dir: Path, planted: dict, tmp_path: Path) -> None:
+def test_truncated_shard_keeps_keys_and_flags_the_cut(shards_dir: Path, tmp_path: Path) -> None:
     data = (shards_dir / "00000.tar").read_bytes()
     full = list(ShardReader(str(shards_dir / "00000.tar")))
     with tarfile.open(shards_dir / "00000.tar") as tar:

@@ -22,8 +22,8 @@ CLIP_KEY = re.compile(r"^(\d{7})_(\d{5})$")
 VIDEO_KEY = re.compile(r"^\d{7}$")
 SUCCESS_FIELDS = ["matching_score", "desirable_filtering", "shot_boundary_detection", "caption", "url", "key",
                   "status", "error_message", "yt_meta_dict", "clips"]
-FAILED_FIELDS = ["matching_score", "desirable_filtering", "shot_boundary_detection", "clips", "caption", "url",
-                 "key", "status", "error_message", "yt_meta_dict"]
+FAILED_FIELDS = ["matching_score", "desirable_filtering", "shot_boundary_detection", "clips", "caption",
+                 "url", "key", "status", "error_message", "yt_meta_dict"]
 TWO_DIGIT_CLIP = re.compile(r"^\[\('\d\d:\d\d:\d\d\.\d{3}', '\d\d:\d\d:\d\d\.\d{3}'\)\]$")
 
 
@@ -176,7 +176,7 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     a = write_synthetic_shards(tmp_path / "a", shards=1, clips_per_shard=4, failed=1, corrupt=2, seed=3)
     b = write_synthetic_shards(tmp_path / "b", shards=1, clips_per_shard=4, failed=1, corrupt=2, seed=3)
-    c = write_synthetic_shards(tmp_path / "c", shards=1, clips_per_shard=4, failed=1, corrupt=2, seed=4)
+    write_synthetic_shards(tmp_path / "c", shards=1, clips_per_shard=4, failed=1, corrupt=2, seed=4)
     assert a == b
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")

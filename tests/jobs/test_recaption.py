@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -38,7 +39,11 @@ def test_ray_job_submit_demo_manifest(ray_cluster, tiny_checkpoint, shards, tmp_
     proc = subprocess.run(submit, cwd=REPO, env=ray_cluster["env"], capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    assert "SUCCEEDED" in log, log[-3000:]
+    job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", log)
+    assert job_id, log[-3000:]
+    status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", "--address", ray_cluster["dashboard"],
+                             job_id.group(1)], env=ray_cluster["env"], capture_output=True, text=True, timeout=120)
+    assert f"Job '{job_id.group(1)}' succeeded" in status.stdout + status.stderr  # ray's wording of SUCCEEDED
     # the job ran the code uploaded with --working-dir, not a copy installed elsewhere
     assert "working_dir_files" in log and "code from" in log, log[-3000:]
     assert_exactly_once(out, planted, ["00000", "00001"])
@@ -161,9 +166,8 @@ def test_fingerprint_mismatch_and_bad_manifest_are_refused(tiny_checkpoint, shar
 
     m = load_manifest(first)
     ensure_job(OutputStore(str(out)), m, job_identity(m, prompt_version_of(m)))
-    changed = write_manifest(tmp_path / "b.yaml", shards=f"{shard_dir}/00000.tar", output=out,
-                             model={"path": str(tiny_checkpoint), "lora_alpha": 8, "dtype": "float32",
-                                    "device": "cpu"})
+    changed = tmp_path / "b.yaml"
+    changed.write_text(first.read_text().replace("lora_alpha: 4", "lora_alpha: 8"))
     proc = run_job([str(changed)], base_env())
     assert proc.returncode == 2
     assert "different configuration" in proc.stderr and "lora_alpha: output has 4.0, manifest has 8.0" in proc.stderr

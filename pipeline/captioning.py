@@ -76,6 +76,11 @@ class Captioner:
         self.lora_alpha = self.loaded.lora_alpha
         self.stats = CaptionStats()
         self._echo_texts = [t for t in (template.system, m.prompts.en or template.default_question_en) if t]
+        # Chinese echo: the instruction of the pass that wrote it (never the English caption itself, which a
+        # faithful translation legitimately overlaps).
+        instruction = self.zh_translate_question.replace("{caption}", "")
+        self._echo_texts_zh = [t for t in (template.system, template.text_system, instruction,
+                                           m.prompts.zh_direct or template.default_question_zh) if t.strip()]
 
     # ------------------------------------------------------------------------------------------
     def caption_batch(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
@@ -127,7 +132,7 @@ class Captioner:
                 row["caption_zh"] = normalize_zh(text, m.zh.variant)
                 row["tokens_zh"] = n_tokens
                 s.tokens_zh += n_tokens
-                flags |= set(detect_flags(row["caption_zh"], language="zh", prompt_texts=self._echo_texts,
+                flags |= set(detect_flags(row["caption_zh"], language="zh", prompt_texts=self._echo_texts_zh,
                                           hit_max_new_tokens=hit_max))
             row["flags"] = sorted(flags)
             row["status"] = "flagged" if flags else "ok"
@@ -147,7 +152,7 @@ class Captioner:
             return [(t.text, t.num_tokens, t.hit_max_new_tokens) for t in out]
         # translate: a text-only pass of the same LLM over the English caption (no visual tokens).
         template = self.loaded.template
-        prompts = [template.format(self.zh_translate_question.format(caption=c), with_image=False)
+        prompts = [template.format(self.zh_translate_question.replace("{caption}", c), with_image=False)
                    for c in captions_en]
         results: list[tuple[str, int, bool]] = [("", 0, False)] * len(captions_en)
         todo = [i for i, c in enumerate(captions_en) if c.strip()]

@@ -226,6 +226,8 @@ def _check_values(m: Manifest, source: str) -> None:
         raise bad("resources", "num_gpus_per_actor and num_cpus_per_actor must be >= 0")
     if m.generation.repetition_penalty is not None and m.generation.repetition_penalty <= 0:
         raise bad("generation.repetition_penalty", "must be > 0 or null")
+    if m.prompts.zh_translate is not None and "{caption}" not in m.prompts.zh_translate:
+        raise bad("prompts.zh_translate", "must contain {caption}, where the English caption goes")
     if m.zh.mode == "mt" and "zh" in m.languages and not m.zh.mt_model:
         raise bad("zh.mt_model", "is required when zh.mode is 'mt'")
 

@@ -1,0 +1,119 @@
+"""Captions end to end without Ray: synthetic shard → decode → tiny PLLaVA → Parquet, for each zh mode."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.captioning import Captioner
+from pipeline.chinese import normalize_zh
+from pipeline.decode import DecodePool
+from pipeline.manifest import manifest_from_dict
+from pipeline.shard_runner import run_shard
+from pipeline.shards import ShardReader
+from pipeline.writing import COLUMNS, FLAGS, OutputStore
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    from model.tiny import build_tiny_checkpoint
+    from model.tiny_mt import build_tiny_mt
+    from pipeline.synthetic import write_synthetic_shards
+
+    root = tmp_path_factory.mktemp("captioning")
+    ckpt = build_tiny_checkpoint(root / "pllava", seed=0)
+    mt = build_tiny_mt(root / "mt", seed=0)
+    planted = write_synthetic_shards(root / "shards", shards=1, clips_per_shard=4, failed=1, corrupt=1, seed=3)
+    return root, ckpt, mt, planted
+
+
+def make_manifest(root, ckpt, mt, out, **over):
+    spec = {
+        "shards": str(root / "shards/00000.tar"),
+        "output": str(out),
+        "model": {"path": str(ckpt), "dtype": "float32", "device": "cpu"},
+        "generation": {"max_new_tokens": MAX_NEW, "batch_size": 3},
+        "zh": {"max_new_tokens": MAX_NEW, "mt_model": str(mt)},
+        "chunk_size": 2,
+    }
+    for key, value in over.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and key in spec else value
+    return manifest_from_dict(spec)
+
+
+def run(m, captioner=None):
+    captioner = captioner or Captioner(m)
+    store = OutputStore(m.output)
+    with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
+        run_shard(m.shards[0], "00000", store=store, captioner=captioner, decode_pool=pool, attempt=1,
+                  file_metadata={})
+    return pq.read_table(f"{m.output}/data/00000.parquet").to_pylist(), captioner
+
+
+@pytest.mark.parametrize("mode, variant", [("translate", "zh-Hans"), ("direct", "zh-TW"), ("mt", "zh-HK")])
+def test_every_zh_mode_writes_bilingual_rows(artefacts, tmp_path, mode, variant):
+    root, ckpt, mt, planted = artefacts
+    m = make_manifest(root, ckpt, mt, tmp_path / "out", zh={"mode": mode, "variant": variant})
+    rows, captioner = run(m)
+    assert set(rows[0]) == set(COLUMNS)
+    assert {r["key"]: r["status"] for r in rows if r["status"] not in ("ok", "flagged")} == {
+        k: s for k, s in planted["00000"].items() if s != "ok"}
+    captioned = [r for r in rows if r["status"] in ("ok", "flagged")]
+    assert len(captioned) == sum(s == "ok" for s in planted["00000"].values())
+    for r in captioned:
+        assert isinstance(r["caption_en"], str) and isinstance(r["caption_zh"], str)
+        assert normalize_zh(r["caption_zh"], variant) == r["caption_zh"]  # already in the requested variant
+        assert 0 <= r["tokens_en"] <= MAX_NEW and 0 <= r["tokens_zh"] <= MAX_NEW
+        assert set(r["flags"]) <= set(FLAGS) and (r["status"] == "flagged") == bool(r["flags"])
+        assert ("truncated" in r["flags"]) == (r["tokens_en"] == MAX_NEW or r["tokens_zh"] == MAX_NEW)
+        assert r["prompt_version"] == captioner.prompt_version and r["lora_alpha"] == 4.0
+        assert len(r["frame_indices"]) == 16 and r["width"] > 0 and r["fps"] > 0
+    assert captioner.stats.tokens_en == sum(r["tokens_en"] for r in captioned)
+    assert captioner.stats.tokens_zh == sum(r["tokens_zh"] for r in captioned)
+
+
+def test_direct_mode_reuses_visual_features(artefacts, tmp_path):
+    root, ckpt, mt, _ = artefacts
+    m = make_manifest(root, ckpt, mt, tmp_path / "out", zh={"mode": "direct"})
+    captioner = Captioner(m)
+    calls = []
+    encode = captioner.loaded.model.encode_videos
+    captioner.loaded.model.encode_videos = lambda pixels: calls.append(pixels.shape[0]) or encode(pixels)
+    rows, _ = run(m, captioner)
+    assert sum(calls) == sum(r["status"] in ("ok", "flagged") for r in rows)  # CLIP ran once per clip
+
+
+def test_english_only(artefacts, tmp_path):
+    root, ckpt, mt, _ = artefacts
+    m = make_manifest(root, ckpt, mt, tmp_path / "out", languages=["en"])
+    rows, _ = run(m)
+    captioned = [r for r in rows if r["status"] in ("ok", "flagged")]
+    assert captioned and all(r["caption_zh"] is None and r["tokens_zh"] is None for r in captioned)
+    assert all(r["caption_en"] is not None for r in captioned)
+
+
+def test_a_bad_clip_becomes_an_error_row_and_the_batch_goes_on(artefacts, tmp_path):
+    root, ckpt, mt, _ = artefacts
+    m = make_manifest(root, ckpt, mt, tmp_path / "out")
+    captioner = Captioner(m)
+    with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
+        items = [(s, c) for s, c in pool.imap(ShardReader(m.shards[0])) if hasattr(c, "pixel_values")][:2]
+    broken = dataclasses.replace(items[1][1], pixel_values=torch.zeros(16, 3, 7, 7))  # wrong size for CLIP
+    rows = captioner.caption_batch([items[0], (items[1][0], broken)])
+    assert [r["key"] for r in rows] == [items[0][0].key, items[1][0].key]
+    assert rows[0]["status"] in ("ok", "flagged") and rows[0]["caption_en"] is not None
+    assert rows[1]["status"] == "error" and rows[1]["error"].startswith("model error:")
+    assert rows[1]["caption_en"] is None
+
+
+def test_custom_prompts_change_the_prompt_version(artefacts, tmp_path):
+    root, ckpt, mt, _ = artefacts
+    default = Captioner(make_manifest(root, ckpt, mt, tmp_path / "a"))
+    custom = Captioner(make_manifest(root, ckpt, mt, tmp_path / "b", prompts={"en": "What happens?"}))
+    assert default.prompt_version != custom.prompt_version
+    assert "What happens?" in custom.prompt_en

@@ -47,8 +47,10 @@ def resolve_device(requested: str) -> str:
 class Captioner:
     """One loaded PLLaVA (and optional translator) and the prompts of one job."""
 
-    def __init__(self, m: Manifest):
+    def __init__(self, m: Manifest, *, ignore_eos: bool = False):
+        """`ignore_eos` forces every caption to max_new_tokens: for benchmarks with random weights only."""
         self.manifest = m
+        self.ignore_eos = ignore_eos
         self.device = resolve_device(m.model.device)
         dtype = m.model.dtype if self.device != "cpu" else "float32"
         self.loaded = load_pllava(
@@ -108,7 +110,8 @@ class Captioner:
             t1 = time.perf_counter()
             en = generate_captions(self.loaded, [self.prompt_en] * len(items), features,
                                    max_new_tokens=m.generation.max_new_tokens,
-                                   repetition_penalty=m.generation.repetition_penalty)
+                                   repetition_penalty=m.generation.repetition_penalty,
+                                   ignore_eos=self.ignore_eos)
             t2 = time.perf_counter()
             zh = self._chinese(features, [g.text for g in en]) if self.want_zh else None
             t3 = time.perf_counter()
@@ -144,7 +147,8 @@ class Captioner:
         if self.zh_mode == "direct":
             out = generate_captions(self.loaded, [self.prompt_zh_direct] * len(captions_en), features,
                                     max_new_tokens=m.zh.max_new_tokens,
-                                    repetition_penalty=m.generation.repetition_penalty)
+                                    repetition_penalty=m.generation.repetition_penalty,
+                                    ignore_eos=self.ignore_eos)
             return [(g.text, g.num_tokens, g.hit_max_new_tokens) for g in out]
         if self.zh_mode == "mt":
             out = self.translator.translate(captions_en, max_new_tokens=m.zh.max_new_tokens,
@@ -158,7 +162,7 @@ class Captioner:
         todo = [i for i, c in enumerate(captions_en) if c.strip()]
         if todo:
             out = generate_text(self.loaded, [prompts[i] for i in todo], max_new_tokens=m.zh.max_new_tokens,
-                                repetition_penalty=m.generation.repetition_penalty)
+                                repetition_penalty=m.generation.repetition_penalty, ignore_eos=self.ignore_eos)
             for i, g in zip(todo, out):
                 results[i] = (g.text, g.num_tokens, g.hit_max_new_tokens)
         return results

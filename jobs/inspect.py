@@ -1,0 +1,300 @@
+"""`recaption inspect OUT --html report.html`: a self-contained HTML contact sheet of a job's output.
+
+One card per sampled clip: four of its sixteen sampled frames, re-decoded from the shard named in
+OUT/_job.json, next to the key, the clip's span, both captions, the status, flags and error. The page
+loads nothing from anywhere (thumbnails are JPEG data: URIs, the style is inline) and runs no script; its
+Content-Security-Policy forbids both, because captions are untrusted model output (they are also escaped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.progress import JOB_FILE
+from pipeline.shards import ShardReader, ShardReadError, expand_shard_spec, shard_name
+from pipeline.writing import STATUSES, OutputStore
+
+DEFAULT_SAMPLE = 24
+THUMBS_PER_CLIP = 4
+THUMB_WIDTH = 160
+CSP_META = ('<meta http-equiv="Content-Security-Policy" '
+            "content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">")
+CARD_COLUMNS = ["key", "shard", "video_id", "clip_start_s", "clip_end_s", "source_caption", "caption_en",
+                "caption_zh", "status", "error", "flags", "frame_indices", "width", "height"]
+
+
+@dataclass
+class Card:
+    """One sampled row and what the report shows for its frames."""
+
+    row: dict[str, Any]
+    thumbs: list[tuple[int, bytes]] = field(default_factory=list)  # (frame index, JPEG)
+    no_frames: str | None = None  # why there are no thumbnails
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+def data_files(store: OutputStore, shards: set[str] | None) -> dict[str, str]:
+    """{shard: data file path} of the finished shards, optionally only those named."""
+    files = {path.rsplit("/", 1)[1][: -len(".parquet")]: path
+             for path in store.list_files(store.path("data"), ".parquet")}
+    return {name: path for name, path in files.items() if shards is None or name in shards}
+
+
+def read_columns(store: OutputStore, path: str, columns: list[str]) -> list[dict[str, Any]]:
+    with store.fs.open_input_file(path) as f:
+        return pq.read_table(f, columns=columns).to_pylist()
+
+
+def sample_rows(candidates: list[tuple[str, str]], n: int, seed: int) -> list[tuple[str, str]]:
+    """A deterministic sample of ``n`` (shard, key) pairs (all when ``n`` is 0), in (shard, key) order."""
+    ordered = sorted(candidates)
+    if n and len(ordered) > n:
+        ordered = sorted(random.Random(seed).sample(ordered, n))
+    return ordered
+
+
+def shard_urls(store: OutputStore) -> dict[str, str]:
+    """{shard name: URL} from the job record's manifest; empty when there is no usable record."""
+    job = store.read_json(store.path(JOB_FILE)) or {}
+    try:
+        return {shard_name(url): url for url in expand_shard_spec(job["manifest"]["shards"])}
+    except (KeyError, TypeError):
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------- frames
+
+
+def thumbnail_positions(n: int, k: int = THUMBS_PER_CLIP) -> list[int]:
+    """``k`` evenly spaced positions in a list of ``n`` (first and last included): 16 → 0, 5, 10, 15."""
+    if n <= k:
+        return list(range(n))
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
+def thumbnail_size(width: int, height: int, thumb_width: int = THUMB_WIDTH) -> tuple[int, int]:
+    """(width, height) ``thumb_width`` wide, aspect kept, both even (JPEG's 4:2:0 chroma needs pairs)."""
+    return thumb_width - thumb_width % 2, max(2, round(thumb_width * height / width / 2) * 2)
+
+
+def encode_jpeg(rgb: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 RGB image as JPEG bytes, with PyAV's MJPEG encoder (no image library needed)."""
+    import av  # here: only the report needs an encoder
+
+    codec = av.CodecContext.create("mjpeg", "w")
+    codec.height, codec.width = rgb.shape[:2]
+    codec.pix_fmt = "yuvj420p"
+    codec.time_base = Fraction(1, 1)
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuvj420p")
+    return b"".join(bytes(packet) for packet in [*codec.encode(frame), *codec.encode(None)])
+
+
+def decode_thumbnails(mp4: bytes, row: dict[str, Any]) -> list[tuple[int, bytes]] | str:
+    """Four of the row's sampled frames as small JPEGs, or why they could not be decoded."""
+    indices = row["frame_indices"]
+    if not row["width"] or not row["height"]:
+        return "the row records no frame size"
+    picked = [indices[i] for i in thumbnail_positions(len(indices))]
+    width, height = thumbnail_size(row["width"], row["height"])
+    import decord  # here: decord is only needed when there are frames to show
+
+    decord.logging.set_level(decord.logging.QUIET)
+    try:
+        reader = decord.VideoReader(io.BytesIO(mp4), ctx=decord.cpu(0), width=width, height=height,
+                                    num_threads=1)
+        frames = reader.get_batch(picked).asnumpy()  # (4, height, width, 3) uint8
+    except Exception as err:  # noqa: BLE001 - any decoder error becomes the card's note
+        return f"frames could not be decoded: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return [(index, encode_jpeg(frame)) for index, frame in zip(picked, frames)]
+
+
+def fill_thumbnails(cards: list[Card], url: str | None) -> None:
+    """Decode the thumbnails of one shard's cards, reading the shard once and only as far as needed."""
+    wanted = {card.row["key"]: card for card in cards if card.row["frame_indices"]}
+    if not wanted:
+        return
+    if url is None:
+        for card in wanted.values():
+            card.no_frames = "shard not readable: not listed in the job record (_job.json)"
+        return
+    samples = iter(ShardReader(url))
+    try:
+        for sample in samples:
+            card = wanted.pop(sample.key, None)
+            if card is not None:
+                result = decode_thumbnails(sample.mp4, card.row) if sample.mp4 else "no mp4 in the shard"
+                card.thumbs, card.no_frames = (result, None) if isinstance(result, list) else ([], result)
+            if not wanted:
+                break
+    except ShardReadError as err:
+        for card in wanted.values():
+            card.no_frames = f"shard not readable: {err}"
+        wanted.clear()
+    finally:
+        samples.close()
+    for card in wanted.values():
+        card.no_frames = "key not found in the shard"
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 16px; background: #f4f4f4; color: #222; }
+header { margin-bottom: 16px; }
+header h1 { font-size: 20px; margin: 0 0 6px; }
+header p { margin: 2px 0; }
+code { background: #e6e6e6; padding: 0 3px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 12px; }
+.card { background: #fff; border: 1px solid #ccc; border-left: 6px solid #999; border-radius: 4px; padding: 8px; }
+.card.ok { border-left-color: #2e7d32; } .card.flagged { border-left-color: #f9a825; }
+.card.source_failed, .card.decode_error, .card.error { border-left-color: #c62828; }
+.thumbs { display: grid; grid-template-columns: repeat(4, 1fr); gap: 4px; margin-bottom: 6px; }
+figure { margin: 0; }
+figure img { display: block; width: 100%; height: 100px; object-fit: contain; background: #111; }
+figcaption { font-size: 11px; color: #666; text-align: center; }
+.placeholder { height: 100px; display: flex; align-items: center; justify-content: center; text-align: center;
+  background: repeating-linear-gradient(45deg, #eee, #eee 8px, #ddd 8px, #ddd 16px); color: #555;
+  margin-bottom: 6px; padding: 0 8px; }
+.meta { font-size: 12px; color: #555; margin-bottom: 4px; }
+.key { font-weight: 600; color: #222; }
+.status, .flag { display: inline-block; border-radius: 3px; padding: 0 5px; font-size: 12px; }
+.status { background: #333; color: #fff; } .flag { background: #fff3c4; border: 1px solid #e0c060; }
+dl { margin: 0; display: grid; grid-template-columns: 56px 1fr; gap: 2px 8px; }
+dt { color: #777; font-size: 12px; } dd { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; }
+dd.error { color: #b71c1c; }
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _span(row: dict[str, Any]) -> str:
+    start, end = row["clip_start_s"], row["clip_end_s"]
+    if start is None or end is None:
+        return "no clip span"
+    return f"{start:.3f}–{end:.3f} s"
+
+
+def render_card(card: Card) -> str:
+    row = card.row
+    status = row["status"] or "unknown"
+    if card.thumbs:
+        figures = "".join(
+            f'<figure><img alt="frame {index}" src="data:image/jpeg;base64,{base64.b64encode(jpeg).decode()}">'
+            f"<figcaption>frame {index}</figcaption></figure>" for index, jpeg in card.thumbs)
+        frames = f'<div class="thumbs">{figures}</div>'
+    else:
+        frames = f'<div class="placeholder">{_e(card.no_frames or f"no frames ({status})")}</div>'
+    flags = "".join(f' <span class="flag">{_e(flag)}</span>' for flag in row["flags"] or [])
+    fields = [("en", "caption-en", row["caption_en"], ' lang="en"'),
+              ("zh", "caption-zh", row["caption_zh"], ' lang="zh"'),
+              ("source", "source-caption", row["source_caption"], ""),
+              ("error", "error", row["error"], "")]
+    details = "".join(f'<dt>{label}</dt><dd class="{cls}"{lang}>{_e(text)}</dd>'
+                      for label, cls, text, lang in fields if text is not None)
+    return (f'<article class="card {_e(status)}" data-key="{_e(row["key"])}" data-status="{_e(status)}">'
+            f"{frames}"
+            f'<div class="meta"><span class="key">{_e(row["key"])}</span> · shard {_e(row["shard"])} · '
+            f'{_e(_span(row))} <span class="status">{_e(status)}</span>{flags}</div>'
+            f"<dl>{details}</dl></article>")
+
+
+def render_report(output: str, counts: Counter, filters: str, matching: int, cards: list[Card]) -> str:
+    by_status = ", ".join(f"{_e(s)}={counts[s]}" for s in [*STATUSES, *sorted(set(counts) - set(STATUSES))]
+                          if counts[s]) or "no rows"
+    body = "".join(render_card(card) for card in cards) or "<p>No rows match the filter.</p>"
+    return (
+        "<!DOCTYPE html>\n"
+        f'<html lang="en"><head><meta charset="utf-8">{CSP_META}'
+        f"<title>recaption inspect: {_e(output)}</title><style>{STYLE}</style></head><body>"
+        f"<header><h1>Contact sheet of <code>{_e(output)}</code></h1>"
+        f"<p>rows by status: {by_status} ({sum(counts.values())} rows)</p>"
+        f"<p>filter: {_e(filters)}; {matching} rows match, {len(cards)} shown</p>"
+        f'<p>generated {_e(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))}</p></header>'
+        f'<main class="cards">{body}</main></body></html>\n'
+    )
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _names(values: list[str] | None) -> set[str] | None:
+    """Repeated and comma-separated values as one set; None when the option was not given."""
+    if not values:
+        return None
+    return {name.strip() for value in values for name in value.split(",") if name.strip()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="recaption inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("output", help="the job's output directory or s3:// URI")
+    p.add_argument("--html", required=True, type=Path, help="where to write the report")
+    p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, metavar="N",
+                   help=f"clips to show, a deterministic random sample (default {DEFAULT_SAMPLE}; 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    p.add_argument("--status", action="append", metavar="STATUS",
+                   help=f"only rows with this status; repeatable or comma-separated ({', '.join(STATUSES)})")
+    p.add_argument("--shard", action="append", metavar="NAME", help="only these shards; repeatable or comma-separated")
+    args = p.parse_args(argv)
+    statuses, shards = _names(args.status), _names(args.shard)
+    if args.sample < 0:
+        p.error("--sample must be >= 0")
+    if statuses and statuses - set(STATUSES):
+        p.error(f"unknown status {sorted(statuses - set(STATUSES))}; statuses are {', '.join(STATUSES)}")
+
+    store = OutputStore(args.output)
+    if not store.exists(store.path(JOB_FILE)) and not store.exists(store.path("data")):
+        print(f"error: {args.output} is not a job output (no {JOB_FILE})", file=sys.stderr)
+        return 2
+    files = data_files(store, shards)
+    counts: Counter = Counter()
+    candidates: list[tuple[str, str]] = []
+    for name, path in files.items():
+        for row in read_columns(store, path, ["key", "status"]):
+            counts[row["status"]] += 1
+            if statuses is None or row["status"] in statuses:
+                candidates.append((name, row["key"]))
+    chosen = sample_rows(candidates, args.sample, args.seed)
+
+    urls = shard_urls(store)
+    cards: list[Card] = []
+    for name in sorted({shard for shard, _ in chosen}):
+        keys = {key for shard, key in chosen if shard == name}
+        shard_cards = [Card(row) for row in read_columns(store, files[name], CARD_COLUMNS) if row["key"] in keys]
+        fill_thumbnails(shard_cards, urls.get(name))
+        cards.extend(shard_cards)
+    cards.sort(key=lambda card: (card.row["shard"], card.row["key"]))
+
+    filters = "; ".join(part for part in (
+        f"status in {','.join(sorted(statuses))}" if statuses else "",
+        f"shard in {','.join(sorted(shards))}" if shards else "",
+    ) if part) or "none"
+    filters += f"; sample {args.sample or 'all'}, seed {args.seed}"
+    args.html.parent.mkdir(parents=True, exist_ok=True)
+    args.html.write_text(render_report(args.output, counts, filters, len(candidates), cards), encoding="utf-8")
+    unreadable = sum(1 for card in cards if card.no_frames and card.no_frames.startswith("shard not readable"))
+    print(f"wrote {args.html}: {len(cards)} cards of {len(candidates)} matching rows "
+          f"({sum(counts.values())} rows in {len(files)} shards)"
+          + (f"; {unreadable} cards without frames: shard not readable" if unreadable else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

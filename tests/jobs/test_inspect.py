@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -135,8 +136,6 @@ def rendered(report: Path, tmp_path: Path) -> dict:
     dom = run_chromium(probe_page(report), tmp_path / "profile", "--dump-dom")
     match = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert match, f"the probe did not run; DOM starts with: {dom[:500]}"
-    from html import unescape
-
     return json.loads(unescape(match.group(1)))
 
 

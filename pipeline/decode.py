@@ -4,11 +4,13 @@
 for a sample without mp4. At most ``max_ahead`` samples are held between the input and the consumer,
 decoded or not, so memory stays bounded whatever the shard size.
 
-Mode ``"process"`` (the default) decodes in worker processes: decord holds the GIL while it decodes, so
-threads do not scale (benchmarks/RESULTS.md), and only a process can be killed when a clip hangs or
-crashes the decoder. Workers return uint8 frames over a pipe (a JSON header and raw bytes; nothing is
-pickled) and the consumer normalises them. Mode ``"thread"`` is for callers that cannot start processes;
-there a timeout only abandons the clip (the stuck thread keeps its worker) and a segfault kills the caller.
+Mode ``"process"`` (the default) decodes in worker processes: only a process can be killed when a clip
+hangs or crashes the decoder, and on the 2-core benchmark machine it scaled better from 1 to 2 workers
+than threads did (benchmarks/RESULTS.md). Workers return uint8 frames over a pipe (a JSON header and raw
+bytes; nothing is pickled) and the consumer normalises them. Mode ``"thread"`` is for callers that cannot
+start processes; there a timeout only abandons the clip (the stuck thread keeps its worker) and a segfault
+kills the caller. Processes are started with "spawn" (no fork: the caller may hold threads and CUDA), so
+the program's main module must be importable (a script guarded by ``if __name__ == "__main__"``).
 """
 
 from __future__ import annotations

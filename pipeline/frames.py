@@ -3,7 +3,7 @@
 ``decode_clip`` never raises: a clip that cannot be decoded is a ``DecodeFailure`` with a readable reason.
 Decoding is split in two so that a decoder process only ships uint8 frames (5.4 MB per clip instead of
 21.7 MB of float32): ``decode_frames`` (decord, numpy, no torch) and ``DecodedClip.from_frames``
-(normalisation). A hang or a crash inside the decoder cannot be stopped in-process (decord holds the GIL);
+(normalisation). A hang or a crash inside the decoder (C code) cannot be stopped in-process:
 ``pipeline.decode.DecodePool`` in process mode enforces the per-clip time limit by killing its worker.
 """
 

@@ -171,7 +171,7 @@ def mangled_mp4(draw: st.DrawFn) -> bytes:
 @settings(max_examples=60, deadline=timedelta(seconds=10), suppress_health_check=[HealthCheck.too_slow])
 @given(mangled_mp4())
 def test_mangled_mp4s_never_crash_or_hang(mp4: bytes) -> None:
-    # decord holds the GIL, so only a watchdog outside Python can turn a hang into a failure.
+    # A hang inside C code cannot be interrupted from Python; faulthandler's watchdog thread ends the run.
     faulthandler.dump_traceback_later(60, exit=True)
     try:
         result = decode_clip(mp4)

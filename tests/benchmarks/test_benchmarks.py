@@ -1,0 +1,95 @@
+"""The throughput benchmarks run end to end in their quick modes and print a sane table.
+
+No timing is asserted: the numbers depend on the machine; only the shape and the invariants are checked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.common import random_lora_weights, unmerged_lora
+from model.loading import load_pllava
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_module(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table_rows(output: str, header_start: str) -> list[list[str]]:
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_gpu_benchmark_tiny_mode_runs_on_cpu():
+    out = run_module("benchmarks.gpu", "--tiny")
+    rows = table_rows(out, "| path | clips | clips/GPU-hour")
+    assert [r[0] for r in rows] == [
+        "reference: per-clip, unmerged LoRA, inline decode",
+        "batched, batch 1, 1 decoders",
+        "batched, batch 2, 1 decoders",
+    ]
+    for row in rows:
+        assert int(row[1]) >= 1
+        assert float(row[2]) > 0 and float(row[3]) > 0  # clips/hour, tokens/s
+        assert row[5] == "n/a" and row[6] == "n/a"  # no GPU: busy % and memory are not made up
+    assert rows[0][4] == "1.00x"
+    assert "device: CPU (--tiny" in out
+
+
+def test_pipeline_benchmark_quick_mode():
+    out = run_module("benchmarks.pipeline", "--quick")
+    rows = table_rows(out, "| path | clips/s")
+    assert len(rows) == 6
+    assert rows[0][0].startswith("reference") and rows[0][2] == "1.00x"
+    for row in rows:
+        assert float(row[1]) > 0
+        assert float(row[6]) > 0  # peak RSS of the actor (model process + decoders)
+    assert "overhead ratio, job path / model alone" in out
+    # Same batches, same weights: the job path must give exactly the model-alone captions.
+    assert "job path vs model alone 4/4" in out
+
+
+def test_unmerged_lora_matches_the_merged_weights_and_is_undone(tiny_dir):
+    merged = load_pllava(tiny_dir, lora_alpha=4.0)
+    base = load_pllava(tiny_dir, lora_alpha=0.0)
+    from model.loading import read_safetensors, split_lora
+
+    _, lora = split_lora(read_safetensors(tiny_dir, dtype=torch.float32))
+    x = torch.randn(3, 64)
+    q_merged = merged.model.language_model.model.layers[0].self_attn.q_proj
+    original = base.model.language_model.model.layers[0].self_attn.q_proj
+    with unmerged_lora(base.model, lora, 4.0):
+        q_lora = base.model.language_model.model.layers[0].self_attn.q_proj
+        assert q_lora is not original
+        torch.testing.assert_close(q_lora(x), q_merged(x), rtol=1e-4, atol=1e-5)
+    assert base.model.language_model.model.layers[0].self_attn.q_proj is original
+
+
+def test_random_lora_weights_have_the_released_shapes(tiny_dir):
+    model = load_pllava(tiny_dir).model
+    weights = random_lora_weights(model, rank=8)
+    a, b = weights["language_model.model.layers.1.self_attn.v_proj"]
+    assert a.shape == (8, 64) and b.shape == (64, 8)
+    assert len(weights) == 2 * len(model.language_model.model.layers)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from model.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bench"), seed=0)

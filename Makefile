@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # Loopback-only Ray for the local demo and the tests (never set these when joining a real cluster).
 LOCAL_RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-deps clean
 
 setup: $(STAMP)
 
@@ -33,7 +33,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(LOCAL_RAY_ENV) $(PY) -m jobs.demo
 
-test: setup
+# The contact-sheet test renders the report in headless Chromium (Debian's `chromium`).
+test-deps:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+		else echo "note: install chromium (apt-get install -y chromium) for the contact-sheet browser test"; fi; }
+
+test: setup test-deps
 	$(LOCAL_RAY_ENV) $(PY) -m pytest -q tests
 
 clean:

@@ -49,9 +49,11 @@ def main() -> int:
             columns=["key", "status", "caption_en", "caption_zh"])
         print(f"\n{table.num_rows} rows in {data} (job took {elapsed:.1f}s). A few captions — RANDOM TEXT from a"
               " tiny random model, not real captions:")
-        for row in table.slice(0, 4).to_pylist():
-            print(f"  {row['key']} [{row['status']}] en: {str(row['caption_en'])[:70]!r}")
-            print(f"  {'':{len(row['key'])}} {'':{len(row['status']) + 2}} zh: {str(row['caption_zh'])[:40]!r}")
+        rows = table.to_pylist()
+        for row in [r for r in rows if r["caption_en"] is not None][:3]:
+            print(f"  {row['key']} [{row['status']}]")
+            print(f"    en: {row['caption_en'][:70]!r}")
+            print(f"    zh: {row['caption_zh'][:40]!r}")
         print(f"\nstatus: python -m jobs.status {m.output}")
     return rc
 

@@ -13,13 +13,15 @@ import json
 import logging
 import os
 import sys
-import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.progress_report import ProgressReporter, format_snapshot
+from pipeline.dataset_card import write_dataset_card
 from pipeline.manifest import Manifest, ManifestError, load_manifest, resolve_paths
 from pipeline.progress import (
+    JOB_FILE,
     FingerprintMismatch,
     ensure_job,
     job_identity,
@@ -32,16 +34,19 @@ from pipeline.writing import META_CONFIG, META_FINGERPRINT, OutputStore
 log = logging.getLogger("recaption")
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_USAGE = 0, 1, 2
+POLL_S = 2.0  # how often the driver asks running actors for their progress
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.recaption", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("manifest", help="YAML job spec (see manifests/)")
     p.add_argument("--shards", help="override the manifest's shards: path, URL, brace range; comma-separated list")
     p.add_argument("--output", help="override the manifest's output directory or s3:// URI")
     p.add_argument("--model", help="override model.path: local directory of a PLLaVA checkpoint")
     p.add_argument("--retry-failed", action="store_true", help="rerun only the shards marked failed")
     p.add_argument("--actors", type=int, help="override resources.actors")
+    p.add_argument("--log-every", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between summary log lines (default 60)")
     return p
 
 
@@ -100,7 +105,21 @@ class Task:
     attempt: int
 
 
-def run(m: Manifest, retry_failed: bool = False) -> int:
+def prompt_texts(m: Manifest) -> dict[str, str]:
+    """The prompt wordings in effect (manifest's or the template's defaults), for the dataset card."""
+    from model.prompts import template_for_model_dir
+
+    t = template_for_model_dir(m.model.path)
+    texts = {"en": m.prompts.en or t.default_question_en}
+    if "zh" in m.languages:
+        if m.zh.mode == "direct":
+            texts["zh_direct"] = m.prompts.zh_direct or t.default_question_zh
+        elif m.zh.mode == "translate":
+            texts["zh_translate"] = m.prompts.zh_translate or t.default_translate_zh
+    return texts
+
+
+def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0) -> int:
     store = OutputStore(m.output)
     ident = job_identity(m, prompt_version_of(m))
     ensure_job(store, m, ident)
@@ -118,8 +137,10 @@ def run(m: Manifest, retry_failed: bool = False) -> int:
         return _finish(store, names, plan.failed_skipped)
 
     ray = connect_ray(m)
-    from jobs.actor import ShardCaptioner
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+    from jobs.actor import ShardCaptioner
+    from jobs.metrics import record_shard_failure
 
     n_actors, num_gpus, num_cpus = actor_count(m, ray.cluster_resources(), len(plan.to_run))
     log.info("starting %d ShardCaptioner actors (num_gpus=%s, num_cpus=%s each)", n_actors, num_gpus, num_cpus)
@@ -136,9 +157,7 @@ def run(m: Manifest, retry_failed: bool = False) -> int:
     idle = [new_actor() for _ in range(n_actors)]
     running: dict[Any, tuple[Any, Task]] = {}
     failed: list[str] = list(plan.failed_skipped)
-    totals: Counter = Counter()
-    t0 = time.time()
-    shards_done = 0
+    progress = ProgressReporter(len(plan.to_run), log_every_s=log_every_s)
 
     while queue or running:
         while queue and idle:
@@ -146,7 +165,11 @@ def run(m: Manifest, retry_failed: bool = False) -> int:
             actor = idle.pop()
             ref = actor.process_shard.remote(task.url, task.shard, task.attempt)
             running[ref] = (actor, task)
-        ready, _ = ray.wait(list(running), num_returns=1)
+            log.info("shard %s start (attempt %d): %s", task.shard, task.attempt, task.url)
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+        if not ready:
+            progress.in_flight(_rows_in_flight(ray, [a for a, _ in running.values()]))
+            continue
         ref = ready[0]
         actor, task = running.pop(ref)
         try:
@@ -155,29 +178,47 @@ def run(m: Manifest, retry_failed: bool = False) -> int:
             reason = f"actor died: {_first_line(e)}"
             ray.kill(actor, no_restart=True)
             idle.append(new_actor())
-            _retry_or_fail(store, task, reason, m.max_attempts, queue, failed)
+            record_shard_failure()
+            if _retry_or_fail(store, task, reason, m.max_attempts, queue, failed):
+                progress.shard_failed()
             continue
         except RayTaskError as e:
             reason = _first_line(e.cause if getattr(e, "cause", None) else e)
             idle.append(actor)
-            _retry_or_fail(store, task, reason, m.max_attempts, queue, failed)
+            if _retry_or_fail(store, task, reason, m.max_attempts, queue, failed):
+                progress.shard_failed()
             continue
         idle.append(actor)
-        shards_done += 1
-        totals.update(outcome["counts"])
+        progress.shard_finished(outcome["rows_new"])
         rate = outcome["rows_new"] / outcome["seconds"] if outcome["seconds"] else 0.0
-        log.info("shard %s done (attempt %d): %s; %d new rows in %.1fs (%.2f clips/s), decode wait %.1fs%s",
-                 task.shard, task.attempt, _fmt(outcome["counts"]), outcome["rows_new"], outcome["seconds"],
-                 rate, outcome["wait_decode_s"], f", TRUNCATED: {outcome['truncated']}" if outcome["truncated"] else "")
-        log.info("progress: %d/%d shards this run, %d failed, %.0fs elapsed", shards_done,
-                 len(plan.to_run), len(failed) - len(plan.failed_skipped), time.time() - t0)
+        log.info("shard %s done (attempt %d): %s; %d new rows in %.1fs (%.2f clips/s), decode wait %.1fs, "
+                 "model %.1fs%s", task.shard, task.attempt, _fmt(outcome["counts"]), outcome["rows_new"],
+                 outcome["seconds"], rate, outcome["wait_decode_s"], outcome["model_s"],
+                 f", TRUNCATED: {outcome['truncated']}" if outcome["truncated"] else "")
+    progress.close()
+    log.info("this run: %s", format_snapshot(progress.snapshot()))
     for actor in idle:
         ray.kill(actor, no_restart=True)
+    write_dataset_card(store, store.read_json(store.path(JOB_FILE)), prompt_texts(m))
     return _finish(store, names, failed)
 
 
+def _rows_in_flight(ray: Any, actors: list[Any]) -> int:
+    """Rows committed so far by the shards in progress (0 for an actor that does not answer in time)."""
+    refs = [a.progress.remote() for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5)
+    total = 0
+    for ref in ready:
+        try:
+            total += ray.get(ref).get("rows", 0)
+        except Exception:  # a dying actor: its shard will be retried, nothing to count
+            pass
+    return total
+
+
 def _retry_or_fail(store: OutputStore, task: Task, reason: str, max_attempts: int, queue: deque,
-                   failed: list[str]) -> None:
+                   failed: list[str]) -> bool:
+    """Requeue the shard, or mark it failed after max_attempts; True when it is final."""
     final = task.attempt >= max_attempts
     record_failure(store, task.shard, task.url, task.attempt, reason, final=final)
     if final:
@@ -186,6 +227,7 @@ def _retry_or_fail(store: OutputStore, task: Task, reason: str, max_attempts: in
     else:
         log.warning("shard %s attempt %d failed (%s); requeued", task.shard, task.attempt, reason)
         queue.append(Task(task.shard, task.url, task.attempt + 1))
+    return final
 
 
 def _finish(store: OutputStore, names: list[str], failed: list[str]) -> int:
@@ -217,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         m = resolve_paths(apply_overrides(load_manifest(args.manifest), args), os.getcwd())
-        return run(m, retry_failed=args.retry_failed)
+        return run(m, retry_failed=args.retry_failed, log_every_s=args.log_every)
     except (ManifestError, FingerprintMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

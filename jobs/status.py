@@ -58,12 +58,35 @@ def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[s
         by_state[state] += 1
     job = store.read_json(store.path(JOB_FILE)) or {}
     return {
+        "throughput": _throughput(store, names, by_state),
         "output": store.uri,
         "fingerprint": job.get("fingerprint"),
         "shards_by_state": dict(by_state),
         "rows_by_status": dict(rows),
         "shards": shards,
         "failed": {n: i.get("last_error") for n, i in shards.items() if i["state"] == "failed"},
+    }
+
+
+def _throughput(store: OutputStore, names: list[str], by_state: Counter) -> dict[str, Any] | None:
+    """Clips/s and ETA from the progress files: rows of finished shards over the window they ran in."""
+    starts, ends, rows, finished = [], [], 0, 0
+    for name in names:
+        record = read_state(store, name) or {}
+        if record.get("started_at"):
+            starts.append(record["started_at"])
+        if record.get("state") == "done" and record.get("updated_at"):
+            ends.append(record["updated_at"])
+            rows += sum((record.get("rows") or {}).values())
+            finished += 1
+    if not finished or not starts:
+        return None
+    window = max(max(ends) - min(starts), 1e-9)
+    remaining = by_state.get("running", 0) + by_state.get("pending", 0)
+    return {
+        "clips_per_s": rows / window,
+        "shards_per_hour": finished / window * 3600,
+        "eta_s": window / finished * remaining if remaining else 0.0,
     }
 
 
@@ -78,6 +101,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("shards: " + ", ".join(f"{s}={report['shards_by_state'].get(s, 0)}"
                                         for s in ("done", "running", "failed", "pending")))
     lines.append("rows:   " + (", ".join(f"{k}={v}" for k, v in sorted(report["rows_by_status"].items())) or "none"))
+    tp = report.get("throughput")
+    if tp:
+        lines.append(f"rate:   {tp['clips_per_s']:.2f} clips/s, {tp['shards_per_hour']:.1f} shards/hour; "
+                     f"ETA {tp['eta_s']:.0f}s for the shards not done")
     for name, info in report["shards"].items():
         extra = ""
         if info.get("rows"):
@@ -91,7 +118,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.status", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("output", help="the job's output directory or s3:// URI")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)

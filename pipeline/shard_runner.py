@@ -10,8 +10,9 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from pipeline.captioning import Captioner, base_row
 from pipeline.decode import DecodePool
@@ -47,7 +48,7 @@ def run_shard(
     decode_pool: DecodePool,
     attempt: int,
     file_metadata: dict[bytes, bytes],
-    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_commit: Callable[[list[dict[str, Any]], ShardOutcome], None] | None = None,
 ) -> ShardOutcome:
     m = captioner.manifest
     t_start = time.perf_counter()
@@ -83,8 +84,8 @@ def run_shard(
             store.commit_chunk(shard, pending, attempt)
             out.rows_new += len(pending)
             out.chunks += 1
-            if on_rows:
-                on_rows(list(pending))
+            if on_commit:
+                on_commit(list(pending), out)
             pending.clear()
 
     results = decode_pool.imap(fresh_samples())

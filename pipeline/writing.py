@@ -18,7 +18,8 @@ import json
 import os
 import uuid
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs

@@ -75,17 +75,19 @@ def ray_cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray")
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port, metrics_port = free_port(), free_port(), free_port()
     env = base_env()
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    # metrics pushed to the node's exporter every second (default 10 s), so a short test job shows up
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_metrics_report_interval_ms="1000")
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--num-gpus", "0",
-           "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+           "--node-ip-address", "127.0.0.1", "--port", str(gcs_port), "--metrics-export-port", str(metrics_port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     cluster = {
         "env": env,
         "gcs": f"127.0.0.1:{gcs_port}",
         "dashboard": f"http://127.0.0.1:{dash_port}",
+        "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
         "token": token,
     }
     try:

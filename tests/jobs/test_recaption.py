@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -159,10 +159,10 @@ def test_fingerprint_mismatch_and_bad_manifest_are_refused(tiny_checkpoint, shar
     out = tmp_path / "out"
     out.mkdir()
     first = write_manifest(tmp_path / "a.yaml", shards=f"{shard_dir}/00000.tar", output=out, model=tiny_checkpoint)
+    from jobs.recaption import prompt_version_of
     from pipeline.manifest import load_manifest
     from pipeline.progress import ensure_job, job_identity
     from pipeline.writing import OutputStore
-    from jobs.recaption import prompt_version_of
 
     m = load_manifest(first)
     ensure_job(OutputStore(str(out)), m, job_identity(m, prompt_version_of(m)))

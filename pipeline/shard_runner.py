@@ -96,9 +96,12 @@ def run_shard(
         if item is None:
             break
         sample, decoded = item
-        if decoded is None:
-            reason = sample.source_error or "sample has no mp4 member"
+        if decoded is None and sample.source_failed:
+            reason = sample.source_error or f"source video {sample.source_status}"
             pending.append(base_row(sample, None, captioner, status="source_failed", error=reason))
+        elif decoded is None:  # the source says success but the tar has no (complete) mp4 for the key
+            reason = sample.read_error or "mp4 member missing from the shard"
+            pending.append(base_row(sample, None, captioner, status="decode_error", error=reason))
         elif isinstance(decoded, DecodeFailure):
             pending.append(base_row(sample, None, captioner, status="decode_error", error=decoded.reason))
         else:

@@ -117,3 +117,38 @@ def test_custom_prompts_change_the_prompt_version(artefacts, tmp_path):
     custom = Captioner(make_manifest(root, ckpt, mt, tmp_path / "b", prompts={"en": "What happens?"}))
     assert default.prompt_version != custom.prompt_version
     assert "What happens?" in custom.prompt_en
+
+
+def test_truncated_shard_keeps_what_was_read_and_reports_it(artefacts, tmp_path):
+    root, ckpt, mt, planted = artefacts
+    data = (root / "shards/00000.tar").read_bytes()
+    cut = tmp_path / "00000.tar"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    m = make_manifest(root, ckpt, mt, tmp_path / "out")
+    m = m.replace(shards=[str(cut)])
+    rows, _ = run(m)
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) and 0 < len(keys) <= len(planted["00000"])
+    assert set(keys) <= set(planted["00000"])
+    import json
+
+    state = json.loads((tmp_path / "out/_progress/00000.json").read_text())
+    assert state["state"] == "done" and state["truncated"]
+    cut_rows = [r for r in rows if r["error"] and "ends inside" in r["error"]]
+    assert cut_rows or len(keys) < len(planted["00000"])
+    for r in cut_rows:  # a key whose mp4 was cut is an error row, never a source failure
+        assert r["status"] == "decode_error"
+
+
+def test_resume_skips_committed_keys(artefacts, tmp_path):
+    root, ckpt, mt, planted = artefacts
+    m = make_manifest(root, ckpt, mt, tmp_path / "out")
+    store = OutputStore(m.output)
+    first_key = next(iter(ShardReader(m.shards[0]))).key
+    marker = {c: None for c in COLUMNS}
+    marker.update(key=first_key, shard="00000", status="error", error="committed by an earlier attempt", flags=[])
+    store.commit_chunk("00000", [marker], attempt=1)
+    rows, _ = run(m)
+    assert sorted(r["key"] for r in rows) == sorted(planted["00000"])
+    kept = next(r for r in rows if r["key"] == first_key)
+    assert kept["error"] == "committed by an earlier attempt"  # not recomputed

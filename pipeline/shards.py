@@ -13,8 +13,10 @@ tell a complete shard (end-of-archive block) from a truncated one.
 from __future__ import annotations
 
 import ast
+import hashlib
 import http.client
 import json
+import logging
 import math
 import os
 import re
@@ -22,15 +24,27 @@ import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 BLOCK = 512
 READ_EXTENSIONS = ("mp4", "json", "txt")
-# A member larger than this is skipped (not held in memory) and reported in Sample.read_error.
-MAX_MEMBER_BYTES = {"mp4": 2 << 30, "json": 64 << 20, "txt": 16 << 20}
+# A member larger than this is skipped (not held in memory) and reported in Sample.read_error. json.loads
+# can need ~25x its input in Python objects (``[{},{},...]``), so a Panda json (a few hundred KB with
+# yt_meta_dict and subtitles) gets 8 MB, not more.
+MAX_MEMBER_BYTES = {"mp4": 2 << 30, "json": 8 << 20, "txt": 1 << 20}
+# Longer text fields (caption, error_message, url) are cut here, with a note in Sample.meta_error: a row
+# is held in memory until its chunk is committed.
+MAX_TEXT_CHARS = 1 << 16
+# Keys longer than this, or with unprintable characters (NUL, control characters, bytes that are not
+# UTF-8), are not keys: their members are skipped and counted. Panda keys have 13 characters.
+MAX_KEY_CHARS = 256
+MAX_EXTENDED_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers; a bigger one is skipped
 HTTP_TIMEOUT_S = 60
+
+log = logging.getLogger(__name__)
 
 
 class ShardReadError(Exception):
@@ -218,6 +232,13 @@ def _decode_text(data: bytes, what: str, problems: list[str]) -> str:
         return data.decode("utf-8", errors="replace")
 
 
+def _capped(text: str, what: str, problems: list[str]) -> str:
+    if len(text) <= MAX_TEXT_CHARS:
+        return text
+    problems.append(f"{what} cut from {len(text)} to {MAX_TEXT_CHARS} characters")
+    return text[:MAX_TEXT_CHARS]
+
+
 def build_sample(key: str, shard: str, members: dict[str, bytes], read_error: str | None = None) -> Sample:
     """A ``Sample`` from a key's members (``{"json": ..., "mp4": ..., "txt": ...}``); never raises."""
     sample = Sample(key=key, shard=shard, mp4=members.get("mp4"), read_error=read_error)
@@ -240,19 +261,20 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], read_error: st
         if isinstance(status, str) and status:
             sample.source_status = status
         else:
-            problems.append(f"status is {status!r}")
+            problems.append(f"status is {repr(status)[:80]}")
         error = meta.get("error_message")
         if error is not None:
-            sample.source_error = error if isinstance(error, str) else json.dumps(error)[:1000]
+            sample.source_error = (_capped(error, "error_message", problems) if isinstance(error, str)
+                                   else json.dumps(error)[:1000])
         url = meta.get("url")
         if isinstance(url, str):
-            sample.url = url
-            sample.video_id = youtube_video_id(url)
+            sample.url = _capped(url, "url", problems)
+            sample.video_id = youtube_video_id(sample.url)
         elif url is not None:
             problems.append(f"url is a {type(url).__name__}")
         caption = meta.get("caption")
         if isinstance(caption, str):
-            sample.source_caption = caption
+            sample.source_caption = _capped(caption, "caption", problems)
         elif caption is not None:
             problems.append(f"caption is a {type(caption).__name__}")
         json_key = meta.get("key")
@@ -265,7 +287,7 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], read_error: st
             except ValueError as err:
                 problems.append(str(err))
     if sample.source_caption is None and txt is not None:
-        sample.source_caption = txt
+        sample.source_caption = _capped(txt, ".txt", problems)
     if problems:
         sample.meta_error = "; ".join(problems)
     return sample
@@ -343,12 +365,20 @@ def _iter_tar_members(stream: BinaryIO, wanted: tuple[str, ...]) -> Iterator[_Me
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         except tarfile.HeaderError as err:
             raise _TarEnd(f"invalid tar header at byte {offset}: {err}", truncated=True) from None
+        if info.size < 0:  # base-256 size fields can be negative
+            raise _TarEnd(f"invalid tar header at byte {offset}: negative size", truncated=True)
         offset += BLOCK
         padded = -(-info.size // BLOCK) * BLOCK
         name = long_name or info.name
         long_name = None
+        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE) and info.size > MAX_EXTENDED_HEADER_BYTES:
+            got = _skip(stream, padded)  # ignored: the member keeps the name in its own header
+            offset += got
+            if got < padded:
+                raise _TarEnd(f"shard ends inside an extended header at byte {offset}", truncated=True)
+            continue
         if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE):
-            data = _read_exact(stream, padded) if info.size <= 1 << 20 else b""
+            data = _read_exact(stream, padded)
             if len(data) < padded:
                 raise _TarEnd(f"shard ends inside an extended header at byte {offset}", truncated=True)
             offset += padded
@@ -385,6 +415,21 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def member_skip_reason(key: str, ext: str) -> str | None:
+    """Why a member named ``{key}.{ext}`` is not part of any sample, or None when it is.
+
+    Keys are only ever data (a row's ``key``), never paths; they must still be printable text of a sane
+    length, as they go into Parquet and logs.
+    """
+    if ext not in READ_EXTENSIONS:
+        return "not .mp4/.json/.txt"
+    if not key or key.endswith("/"):
+        return "no key"
+    if len(key) > MAX_KEY_CHARS or not key.isprintable():
+        return "invalid key"
+    return None
+
+
 class ShardReader:
     """Iterate a shard's samples in tar order, grouping consecutive members by key (webdataset-style).
 
@@ -393,6 +438,11 @@ class ShardReader:
     it could form; ``truncated`` is then True and ``error`` says why. The key being read when the shard
     ended is still yielded if any of its members was seen, with ``read_error`` set: a member cut short is
     dropped (its mp4 is None, never a partial file); an mp4 that is there was read completely.
+
+    Each key is yielded once. Members that belong to no sample (see ``member_skip_reason``) are skipped and
+    counted in ``skipped`` by reason. A key that comes back after other keys (not contiguous) is a
+    duplicate: the first run of members wins, as it was already yielded; later ones are skipped. Within one
+    run, a repeated member (two ``.json``) keeps the last one, noted in ``read_error``.
     """
 
     def __init__(self, url: str):
@@ -400,29 +450,51 @@ class ShardReader:
         self.shard = shard_name(url)
         self.truncated = False
         self.error: str | None = None
-        self.members_skipped = 0  # members other than .mp4/.json/.txt, or oversized
+        self.skipped: Counter[str] = Counter()  # members skipped, by reason
+
+    @property
+    def members_skipped(self) -> int:
+        return sum(self.skipped.values())
 
     def __iter__(self) -> Iterator[Sample]:
-        self.truncated, self.error, self.members_skipped = False, None, 0
+        self.truncated, self.error, self.skipped = False, None, Counter()
         stream = open_shard_stream(self.url)
+        seen: set[bytes] = set()  # digests of the keys yielded: 16 bytes each, whatever the key length
         key: str | None = None
+        duplicate = False
         members: dict[str, bytes] = {}
         problems: list[str] = []
+
+        def note(problem: str) -> None:  # a hostile run of members must not grow read_error without bound
+            if problem not in problems and len(problems) < 8:
+                problems.append(problem)
+
         try:
             for member in _iter_tar_members(stream, READ_EXTENSIONS):
                 member_key, ext = _split_member_name(member.name)
+                reason = member_skip_reason(member_key, ext)
+                if reason is not None:
+                    self.skipped[reason] += 1
+                    continue
                 if member_key != key:
-                    if key is not None:
+                    if key is not None and not duplicate:
                         yield build_sample(key, self.shard, members, "; ".join(problems) or None)
                     key, members, problems = member_key, {}, []
-                if not member.complete:
-                    problems.append(f".{ext} member cut off by the end of the shard")
+                    digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+                    duplicate = digest in seen
+                    seen.add(digest)
+                    if duplicate:
+                        log.warning("shard %s: key %r appears again after other keys; the first one is kept",
+                                    self.shard, key[:100])
+                if duplicate:
+                    self.skipped["duplicate key"] += 1
+                elif not member.complete:
+                    note(f".{ext} member cut off by the end of the shard")
                 elif member.data is None:
-                    self.members_skipped += 1
-                    if ext in READ_EXTENSIONS:
-                        problems.append(f".{ext} member too large ({member.size} bytes), skipped")
+                    self.skipped["too large"] += 1
+                    note(f".{ext} member too large ({member.size} bytes, cap {MAX_MEMBER_BYTES[ext]}), skipped")
                 elif ext in members:
-                    problems.append(f"duplicate .{ext} member, the last one kept")
+                    note(f"duplicate .{ext} member, the last one kept")
                     members[ext] = member.data
                 else:
                     members[ext] = member.data
@@ -430,12 +502,12 @@ class ShardReader:
             if end.truncated:
                 self.truncated, self.error = True, end.args[0]
                 if key is not None:
-                    problems.append(f"shard truncated: {end.args[0]}")
+                    note(f"shard truncated: {end.args[0]}")
         except (OSError, http.client.HTTPException) as err:  # connection dropped mid-stream
             self.truncated, self.error = True, f"reading the shard failed: {err}"
             if key is not None:
-                problems.append(f"shard truncated: {self.error}")
+                note(f"shard truncated: {self.error}")
         finally:
             stream.close()
-        if key is not None:
+        if key is not None and not duplicate:
             yield build_sample(key, self.shard, members, "; ".join(problems) or None)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,16 @@ class ResourceSpec:
 
 
 @dataclass(frozen=True)
+class StorageSpec:
+    """Where s3:// shards and outputs live, when not on AWS's own endpoint. Each field left out comes from
+    the standard environment (AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION). No credentials here: a
+    manifest is recorded in every output; keys come from each node's environment, config or role."""
+
+    endpoint_url: str | None = None  # e.g. "http://minio.internal:9000"
+    region: str | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     shards: list[str]
     output: str
@@ -87,6 +99,7 @@ class Manifest:
     zh: ZhSpec = field(default_factory=ZhSpec)
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
     chunk_size: int = 256
     max_attempts: int = 3
     source: str = "<dict>"  # where it was read from; not part of the spec itself
@@ -230,6 +243,29 @@ def _check_values(m: Manifest, source: str) -> None:
         raise bad("prompts.zh_translate", "must contain {caption}, where the English caption goes")
     if m.zh.mode == "mt" and "zh" in m.languages and not m.zh.mt_model:
         raise bad("zh.mt_model", "is required when zh.mode is 'mt'")
+    if m.storage.endpoint_url is not None:
+        problem = endpoint_url_problem(m.storage.endpoint_url)
+        if problem:
+            raise bad("storage.endpoint_url", problem)
+    if m.storage.region is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", m.storage.region):
+        raise bad("storage.region", f"is {m.storage.region!r}; expected a region name such as us-east-1")
+
+
+def endpoint_url_problem(url: str) -> str | None:
+    """Why an S3 endpoint URL is unusable, or None: it must be http(s)://host[:port], with no user, password,
+    path or query (credentials in a URL would end up in the recorded manifest and in logs)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must look like http(s)://host[:port]"
+    if parts.username is not None or parts.password is not None:
+        return "must not contain a user or password; credentials come from the environment only"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "must be http(s)://host[:port], without a path or query"
+    return None
 
 
 def fingerprint(m: Manifest, model_identity: str, prompt_version: str) -> tuple[str, dict[str, Any]]:

@@ -36,16 +36,36 @@ from pipeline.shards import Sample
 log = logging.getLogger(__name__)
 
 Result = DecodedClip | DecodeFailure | None
+# A decoder process may grow its address space by this much after start-up (8K decodes in ~0.25 GB); a
+# clip that needs more fails, or kills only its decoder, instead of taking the node's memory.
+DECODER_MEMORY_HEADROOM = 2 << 30
 
 
 # ----------------------------------------------------------------------------------------------- worker
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, num_frames: int, size: int) -> None:
+def _limit_address_space(headroom: int) -> None:
+    """Cap this process's address space (RLIMIT_AS) at its current size plus ``headroom`` bytes."""
+    import resource
+
+    with open("/proc/self/statm") as statm:
+        size = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = size + headroom if hard == resource.RLIM_INFINITY else min(size + headroom, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, num_frames: int, size: int,
+                 memory_headroom: int | None) -> None:
     """Decoder process: mp4 bytes in, a JSON header (+ raw uint8 frames when ok) out, until EOF."""
     # decord and ffmpeg log to stderr, sometimes with bytes of the (untrusted) file: silence them here.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    if memory_headroom is not None:
+        import av  # noqa: F401 - the decoders' libraries are mapped before the cap is measured
+        import decord  # noqa: F401
+
+        _limit_address_space(memory_headroom)
     while True:
         try:
             mp4 = conn.recv_bytes()
@@ -88,10 +108,11 @@ class _Job:
 
 
 class _Worker:
-    def __init__(self, ctx: multiprocessing.context.BaseContext, num_frames: int, size: int):
+    def __init__(self, ctx: multiprocessing.context.BaseContext, num_frames: int, size: int,
+                 memory_headroom: int | None):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child, num_frames, size), daemon=True,
-                                   name="pllava-decoder")
+        self.process = ctx.Process(target=_worker_main, args=(child, num_frames, size, memory_headroom),
+                                   daemon=True, name="pllava-decoder")
         self.process.start()
         child.close()
         self.job: _Job | None = None
@@ -111,7 +132,9 @@ class _Worker:
 class DecodePool:
     """Decode clips ahead of the consumer; see the module docstring.
 
-    ``workers`` decoders; ``max_ahead`` samples at most between input and output; ``timeout_s`` per clip.
+    ``workers`` decoders; ``max_ahead`` samples at most between input and output; ``timeout_s`` per clip;
+    ``memory_headroom`` bytes of address space each decoder process may add after start-up (process mode;
+    None: no cap).
     """
 
     def __init__(
@@ -123,20 +146,21 @@ class DecodePool:
         *,
         num_frames: int = NUM_FRAMES,
         size: int = SIZE,
+        memory_headroom: int | None = DECODER_MEMORY_HEADROOM,
     ):
         if workers < 1 or max_ahead < 1 or timeout_s <= 0:
             raise ValueError("workers and max_ahead must be >= 1 and timeout_s > 0")
         if mode not in ("process", "thread"):
             raise ValueError(f"mode must be 'process' or 'thread', not {mode!r}")
         self.workers, self.max_ahead, self.mode, self.timeout_s = workers, max_ahead, mode, timeout_s
-        self.num_frames, self.size = num_frames, size
+        self.num_frames, self.size, self.memory_headroom = num_frames, size, memory_headroom
         self.restarts = 0  # decoder processes replaced after a crash or a timeout
         self._ctx = multiprocessing.get_context("spawn")  # no fork: the caller may hold threads and CUDA
         self._procs: list[_Worker] = []
         self._threads: ThreadPoolExecutor | None = None
         self._closed = False
         if mode == "process":
-            self._procs = [_Worker(self._ctx, num_frames, size) for _ in range(workers)]
+            self._procs = [_Worker(self._ctx, num_frames, size, memory_headroom) for _ in range(workers)]
 
     def worker_pids(self) -> list[int]:
         """Process ids of the decoder processes (empty in thread mode), e.g. for monitoring."""
@@ -280,5 +304,6 @@ class DecodePool:
         if worker.process.is_alive():
             worker.process.kill()
         worker.process.join()
-        self._procs[self._procs.index(worker)] = _Worker(self._ctx, self.num_frames, self.size)
+        self._procs[self._procs.index(worker)] = _Worker(self._ctx, self.num_frames, self.size,
+                                                         self.memory_headroom)
         self.restarts += 1

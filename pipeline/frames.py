@@ -22,8 +22,13 @@ NUM_FRAMES = 16
 SIZE = 336
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Refuse streams that no real clip has before spending time on them.
-MAX_PIXELS = 8192 * 8192
+# Refuse clips that no Panda-70M clip is before spending time and memory on them. Frames are resized
+# while decoding, but the decoder still holds full-size reference frames: 8192x4320 (H.264/HEVC level 6.2,
+# "8K") bounds those. Panda clips last seconds; sampling 16 frames of a long clip with one keyframe means
+# decoding all of it, so a long clip is refused instead of left to the per-clip time limit.
+MAX_PIXELS = 8192 * 4320
+MAX_DURATION_S = 600.0
+MAX_FRAMES = 36_000  # 600 s at 60 fps
 
 
 def sample_frame_indices(n_frames: int, num_segments: int = NUM_FRAMES) -> list[int]:
@@ -124,8 +129,10 @@ def decode_frames(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE)
     if isinstance(probed, DecodeFailure):
         return probed
     width, height = probed
-    if width <= 0 or height <= 0 or width * height > MAX_PIXELS:
+    if width <= 0 or height <= 0:
         return DecodeFailure(f"unsupported frame size {width}x{height}")
+    if width * height > MAX_PIXELS:
+        return DecodeFailure(f"video is {width}x{height}, over the {MAX_PIXELS / 1e6:.1f}-megapixel cap")
     import decord  # here: decord is imported in the process that decodes
 
     decord.logging.set_level(decord.logging.QUIET)
@@ -141,10 +148,15 @@ def decode_frames(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE)
         n = len(reader)
         if n < 1:
             return DecodeFailure("no frames")
+        if n > MAX_FRAMES:
+            return DecodeFailure(f"clip has {n} frames, over the {MAX_FRAMES} cap")
+        # Timestamps come from the packet index decord built on opening: nothing is decoded yet.
+        duration_s = float(reader.get_frame_timestamp(n - 1)[1])
+        if duration_s > MAX_DURATION_S:
+            return DecodeFailure(f"clip is {duration_s:.0f} s long, over the {MAX_DURATION_S:.0f} s cap")
         indices = sample_frame_indices(n, num_frames)
         batch = reader.get_batch(indices).asnumpy()  # (T, target_h, target_w, 3) uint8
         fps = float(reader.get_avg_fps())
-        duration_s = float(reader.get_frame_timestamp(n - 1)[1])
     except Exception as err:  # noqa: BLE001
         return DecodeFailure(f"decord could not decode frames: {_short_reason(err)}")
     finally:

@@ -1,8 +1,10 @@
 """Load a released PLLaVA checkpoint (or our tiny one) from a local directory, strictly.
 
-Weights come from safetensors only (sharded via `model.safetensors.index.json`, or one `model.safetensors`);
-pickle `.bin` files are refused. The model is built on the `meta` device and the loaded tensors are assigned
-to it, so nothing is randomly initialised. The released LoRA (PEFT names, unmerged) is scaled by the
+Weights come from safetensors (sharded via `model.safetensors.index.json`, or one `model.safetensors`);
+pickle `.bin` files are refused unless the caller passes `allow_pickle=True`, and even then they are read
+with `torch.load(weights_only=True)`, which rebuilds tensors and plain containers and nothing else. The
+model is built on the `meta` device and the loaded tensors are assigned to it, so nothing is randomly
+initialised. The released LoRA (PEFT names, unmerged) is scaled by the
 inference alpha and merged into q_proj/v_proj once: W = W0 + (alpha/r)*B@A, so inference runs at base speed.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +109,8 @@ def read_safetensors(
         if pickles:
             raise CheckpointError(
                 f"{model_dir}: only pickle weights ({', '.join(pickles)}); refusing to unpickle them "
-                "(they can run arbitrary code). Convert them to safetensors first."
+                "(they can run arbitrary code). Convert them to safetensors, or pass allow_pickle=True "
+                "(manifest: model.allow_pickle: true) to read their tensors with torch.load(weights_only=True)."
             )
         raise CheckpointError(f"{model_dir}: no model.safetensors.index.json or model.safetensors")
 
@@ -127,6 +131,52 @@ def read_safetensors(
                     raise CheckpointError(f"{path}: tensor {key} also appears in another shard")
                 tensor = f.get_tensor(key)
                 state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return state
+
+
+def read_pickle_weights(
+    model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors of `pytorch_model.bin` (or the shards of `pytorch_model.bin.index.json`), tensors only.
+
+    `torch.load(weights_only=True)` refuses any pickle that names something other than tensors and plain
+    containers, so a malicious `__reduce__` is never called; `mmap=True` maps the file instead of reading it.
+    """
+    index_path = model_dir / "pytorch_model.bin.index.json"
+    if index_path.is_file():
+        try:
+            filenames = set(json.loads(index_path.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index_path}: unreadable index ({exc})") from exc
+        bad = [f for f in filenames if not isinstance(f, str) or Path(f).name != f or not f.endswith(".bin")]
+        if bad:
+            raise CheckpointError(f"{index_path}: bad shard file name {bad[0]!r}")
+    elif (model_dir / "pytorch_model.bin").is_file():
+        filenames = {"pytorch_model.bin"}
+    else:
+        raise CheckpointError(f"{model_dir}: no model.safetensors*, pytorch_model.bin or its index")
+    state: dict[str, torch.Tensor] = {}
+    for filename in sorted(filenames):
+        path = model_dir / filename
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+            # torch's message starts with advice to retry with weights_only=False: show only the cause.
+            lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            cause = next((line for line in lines if "GLOBAL" in line), lines[0])[:300]
+            raise CheckpointError(
+                f"{path}: not a plain tensor file; torch.load(weights_only=True) refused it: {cause.strip()}"
+            ) from exc
+        if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+        ):
+            raise CheckpointError(f"{path}: does not hold a {{name: tensor}} state dict")
+        for key, tensor in loaded.items():
+            if key in state:
+                raise CheckpointError(f"{path}: tensor {key} also appears in another shard")
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            state[key] = tensor.to(device)
     return state
 
 
@@ -278,8 +328,12 @@ def load_pllava(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    allow_pickle: bool = False,
 ) -> LoadedPllava:
     """Loads a PLLaVA checkpoint directory for inference.
+
+    allow_pickle: read pickle `.bin` weights when the directory has no safetensors, tensors only
+    (`torch.load(weights_only=True)`); without it such a checkpoint is refused. Safetensors win when both exist.
 
     lora_alpha: inference alpha for the unmerged LoRA (scale alpha/r; r read off the lora_A shapes).
     None means the alpha recorded in adapter_config.json (an error without one). Ignored, with a warning
@@ -294,7 +348,14 @@ def load_pllava(
     tokenizer = _load_tokenizer(model_dir, config)
     family = detect_family(config, tokenizer.get_vocab())
 
-    state = read_safetensors(model_dir, device, torch_dtype)
+    has_safetensors = (model_dir / "model.safetensors.index.json").is_file() or (
+        model_dir / "model.safetensors"
+    ).is_file()
+    if allow_pickle and not has_safetensors:
+        log.warning("%s: reading pickle weights (allow_pickle=True), tensors only", model_dir)
+        state = read_pickle_weights(model_dir, device, torch_dtype)
+    else:
+        state = read_safetensors(model_dir, device, torch_dtype)
     base, lora = split_lora(state)
     del state
     adapter_rank, adapter_alpha = _read_adapter_config(model_dir)

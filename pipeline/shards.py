@@ -42,6 +42,8 @@ MAX_TEXT_CHARS = 1 << 16
 # UTF-8), are not keys: their members are skipped and counted. Panda keys have 13 characters.
 MAX_KEY_CHARS = 256
 MAX_EXTENDED_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers; a bigger one is skipped
+# Output files are named after the shard ("data/{shard}.parquet", ".{shard}.parquet.tmp-…").
+MAX_SHARD_NAME_CHARS = 200
 HTTP_TIMEOUT_S = 60
 
 log = logging.getLogger(__name__)
@@ -85,14 +87,22 @@ def shard_name(url: str) -> str:
     """The shard's name for output paths: its basename without ``.tar``, made safe as one path component.
 
     Characters outside ``[A-Za-z0-9._-]`` become ``_``, ``..`` becomes ``__``, an empty or dot-only name
-    becomes ``_``. Shards with the same basename in different folders get the same name: a job must not mix
-    them (the job's shard list is checked for that, not this function).
+    becomes ``_``. A name over ``MAX_SHARD_NAME_CHARS`` keeps its start and ends with a hash of the whole,
+    so that file names built from it stay under the usual 255-byte limit. Shards with the same basename in
+    different folders get the same name: a job must not mix them (the job's shard list is checked for that,
+    not this function).
     """
-    path = urllib.parse.urlsplit(url).path if "://" in url else url
+    try:
+        path = urllib.parse.urlsplit(url).path if "://" in url else url
+    except ValueError:  # e.g. an unclosed IPv6 host: the name is still made from the text
+        path = url
     base = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     base = urllib.parse.unquote(base)
     base = base.removesuffix(".tar")
     name = _UNSAFE.sub("_", base).replace("..", "__")
+    if len(name) > MAX_SHARD_NAME_CHARS:
+        digest = hashlib.blake2b(base.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+        name = f"{name[:MAX_SHARD_NAME_CHARS - 17]}-{digest}".replace("..", "__")
     return "_" if not name.strip(".") else name
 
 

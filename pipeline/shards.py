@@ -354,7 +354,7 @@ def _pax_path(data: bytes) -> str | None:
         record = data[pos + len(match.group(0)):pos + int(match.group(1))]
         pos += int(match.group(1))
         if record.startswith(b"path="):
-            return record[5:].rstrip(b"\n").decode("utf-8", errors="replace")
+            return record[5:].removesuffix(b"\n").decode("utf-8", errors="replace")  # one newline ends a record
     return None
 
 

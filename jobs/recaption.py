@@ -120,7 +120,7 @@ def prompt_texts(m: Manifest) -> dict[str, str]:
 
 
 def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0) -> int:
-    store = OutputStore(m.output)
+    store = OutputStore(m.output, m.storage)
     ident = job_identity(m, prompt_version_of(m))
     ensure_job(store, m, ident)
     urls = expand_shard_spec(m.shards)
@@ -148,7 +148,12 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0) -> i
         META_CONFIG: json.dumps({"manifest": m.to_dict(), "fingerprint_parts": ident.parts}).encode(),
         META_FINGERPRINT: ident.fingerprint.encode(),
     }
-    actor_cls = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)
+    # Actors open the output and the shards themselves: the manifest's storage settings reach them as the
+    # standard variables (endpoint and region only; credentials come from each node's own environment).
+    storage_env = {var: value for var, value in (("AWS_ENDPOINT_URL", m.storage.endpoint_url),
+                                                 ("AWS_REGION", m.storage.region)) if value}
+    actor_cls = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0,
+                                       **({"runtime_env": {"env_vars": storage_env}} if storage_env else {}))
 
     def new_actor() -> Any:
         return actor_cls.remote(m, file_metadata)

@@ -27,7 +27,12 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from pyarrow.fs import S3FileSystem
+
+    from pipeline.manifest import StorageSpec
 
 BLOCK = 512
 READ_EXTENSIONS = ("mp4", "json", "txt")
@@ -45,6 +50,8 @@ MAX_EXTENDED_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers; a bigger one
 # Output files are named after the shard ("data/{shard}.parquet", ".{shard}.parquet.tmp-…").
 MAX_SHARD_NAME_CHARS = 200
 HTTP_TIMEOUT_S = 60
+# s3:// shards are read through a buffer of this size (one ranged GET per fill); a bigger read is one GET.
+S3_READ_BUFFER_BYTES = 8 << 20
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +116,11 @@ def shard_name(url: str) -> str:
 # ----------------------------------------------------------------------------------------------- opening
 
 
-def open_shard_stream(url: str) -> BinaryIO:
-    """A forward-only binary stream of the shard; nothing is staged on disk. Raises ``ShardReadError``."""
+def open_shard_stream(url: str, storage: StorageSpec | None = None) -> BinaryIO:
+    """A forward-only binary stream of the shard; nothing is staged on disk. Raises ``ShardReadError``.
+
+    ``storage`` (endpoint, region) applies to s3:// URLs; see ``s3_filesystem``.
+    """
     scheme = urllib.parse.urlsplit(url).scheme if "://" in url else ""
     try:
         if scheme in ("", "file"):
@@ -119,19 +129,39 @@ def open_shard_stream(url: str) -> BinaryIO:
         if scheme in ("http", "https"):
             return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
         if scheme == "s3":
-            from pyarrow import fs  # imported here: pyarrow's S3 support is only needed for s3:// shards
-
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-            s3 = fs.S3FileSystem(
-                endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None,
-                **({"region": region} if region else {}),
-            )
-            return s3.open_input_stream(url[len("s3://"):])
+            # Buffered: the tar is read in 512-byte headers, and each unbuffered read would be one GET.
+            return s3_filesystem(storage).open_input_stream(url[len("s3://"):], compression=None,
+                                                            buffer_size=S3_READ_BUFFER_BYTES)
     except urllib.error.HTTPError as err:
         raise ShardReadError(f"cannot open shard {url}: HTTP {err.code} {err.reason}") from err
     except (OSError, ValueError, urllib.error.URLError) as err:
         raise ShardReadError(f"cannot open shard {url}: {err}") from err
     raise ShardReadError(f"cannot open shard {url}: unsupported scheme {scheme!r}")
+
+
+def s3_filesystem(storage: StorageSpec | None = None) -> S3FileSystem:
+    """pyarrow's filesystem for s3:// shards and outputs, on AWS or an S3-compatible store (MinIO, Ceph...).
+
+    Endpoint and region come from the manifest's ``storage`` section, else from AWS_ENDPOINT_URL and
+    AWS_REGION / AWS_DEFAULT_REGION. Credentials are never passed in: the AWS SDK inside pyarrow finds them
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, instance role), so no argument, repr, pickle or
+    error message of ours holds them.
+    """
+    from pyarrow import fs  # imported here: only s3:// shards and outputs need pyarrow's S3 support
+
+    endpoint = (storage and storage.endpoint_url) or os.environ.get("AWS_ENDPOINT_URL")
+    region = (storage and storage.region) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    options = {}
+    if endpoint:
+        parts = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        # host[:port] only: a user:password@ in the URL must not reach pyarrow's repr or its errors
+        options.update(endpoint_override=parts.netloc.rpartition("@")[2], scheme=parts.scheme)
+        region = region or "us-east-1"  # S3-compatible stores ignore it; spares the SDK a metadata lookup
+    if region:
+        options["region"] = region
+    # allow_delayed_open: an object smaller than a part (10 MiB) is written by one PutObject at close, not a
+    # multipart upload; either way it becomes visible only once complete.
+    return fs.S3FileSystem(allow_delayed_open=True, **options)
 
 
 # ----------------------------------------------------------------------------------------------- samples

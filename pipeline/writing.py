@@ -6,9 +6,10 @@ Layout under OUT (DESIGN §6):
     OUT/_progress/{shard}/chunk-*.parquet   committed chunks of an unfinished shard
     OUT/_progress/{shard}.json        state per shard (a summary; chunks and data files are the truth)
 
-OUT may be a local directory or an object-store URI that pyarrow.fs understands (s3://...). On a local
-filesystem a commit is write-to-temp then rename; on an object store it is a single PUT, which is
-atomic by itself.
+OUT may be a local directory or an object-store URI: s3:// (AWS or an S3-compatible endpoint, see
+`shards.s3_filesystem`) or another scheme pyarrow.fs understands. On a local filesystem a commit is
+write-to-temp then rename; on an object store it is a single PUT, which is atomic by itself (no rename,
+no directories).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pipeline.manifest import StorageSpec
+from pipeline.shards import s3_filesystem
 
 STATUSES = ("ok", "flagged", "source_failed", "decode_error", "error")
 FLAGS = ("empty", "echo", "repetition", "wrong_language", "truncated")
@@ -72,8 +76,13 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 class OutputStore:
     """The job's output root, local or on an object store, with atomic writes."""
 
-    def __init__(self, root: str):
-        if "://" in root:
+    def __init__(self, root: str, storage: StorageSpec | None = None):
+        if root.startswith("s3://"):
+            # not FileSystem.from_uri: it ignores AWS_ENDPOINT_URL and asks AWS for the bucket's region
+            self.fs, self.root = s3_filesystem(storage), root[len("s3://"):].rstrip("/")
+            if not self.root:
+                raise ValueError(f"output {root!r} names no bucket")
+        elif "://" in root:
             self.fs, self.root = pafs.FileSystem.from_uri(root)
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(root)
@@ -98,9 +107,10 @@ class OutputStore:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def write_atomic(self, path: str, data: bytes) -> None:
+        """`path` holds `data` or what it held before, never a part of it, whenever the writer dies."""
         parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
         if self.is_local:
+            self.fs.create_dir(parent, recursive=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
@@ -108,7 +118,10 @@ class OutputStore:
                 os.fsync(f.fileno())
             self.fs.move(tmp, path)
         else:
-            with self.fs.open_output_stream(path) as f:  # one object, visible only when complete
+            # No parent directories on an object store, no rename: the object is visible only once its PUT
+            # (past 10 MiB, its multipart upload) completes. pyarrow completes an upload on close even when
+            # an exception interrupted the writing, so the bytes go in whole, in one write.
+            with self.fs.open_output_stream(path) as f:
                 f.write(data)
 
     def read_bytes(self, path: str) -> bytes | None:

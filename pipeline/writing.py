@@ -108,10 +108,12 @@ class OutputStore:
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """`path` holds `data` or what it held before, never a part of it, whenever the writer dies."""
-        parent = path.rsplit("/", 1)[0]
+        parent, name = path.rsplit("/", 1)
         if self.is_local:
             self.fs.create_dir(parent, recursive=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            # Dot-prefixed: a temp file left by a kill -9 (torn, or complete but not yet renamed) sits
+            # next to the data files, and readers of OUT/data (pyarrow, pandas, Ray Data) skip "."/"_" names.
+            tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
             with open(tmp, "rb+") as f:  # durable before it becomes visible

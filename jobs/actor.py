@@ -26,7 +26,7 @@ class ShardCaptioner:
         self.manifest = m
         self.file_metadata = file_metadata
         self.captioner = Captioner(m)
-        self.store = OutputStore(m.output)
+        self.store = OutputStore(m.output, m.storage)
         self.decode_pool = DecodePool(workers=m.decode.workers, max_ahead=m.decode.max_ahead,
                                       mode=m.decode.mode, timeout_s=m.decode.timeout_s)
         self.log = logging.getLogger("recaption.actor")

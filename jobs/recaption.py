@@ -28,7 +28,7 @@ from pipeline.progress import (
     plan_shards,
     record_failure,
 )
-from pipeline.shards import expand_shard_spec, shard_name
+from pipeline.shards import ShardReadError, expand_shard_spec, shard_name
 from pipeline.writing import META_CONFIG, META_FINGERPRINT, OutputStore
 
 log = logging.getLogger("recaption")
@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = resolve_paths(apply_overrides(load_manifest(args.manifest), args), os.getcwd())
         return run(m, retry_failed=args.retry_failed, log_every_s=args.log_every)
-    except (ManifestError, FingerprintMismatch, FileNotFoundError) as e:
+    except (ManifestError, FingerprintMismatch, ShardReadError, OSError) as e:
+        # bad manifest, different job in OUT, missing model dir, unreachable output store: no traceback
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
@@ -161,6 +162,11 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0) -> i
     queue = deque(Task(name, url, 1) for name, url in plan.to_run)
     idle = [new_actor() for _ in range(n_actors)]
     running: dict[Any, tuple[Any, Task]] = {}
+    started: dict[Any, float] = {}
+    # The actor enforces shard_timeout_s between samples; a shard stuck inside a read or a decode that never
+    # returns is stopped here by killing its actor (then retried like any actor death).
+    watchdog_s = 1.5 * m.shard_timeout_s + 60
+    stalled: set[Any] = set()
     failed: list[str] = list(plan.failed_skipped)
     progress = ProgressReporter(len(plan.to_run), log_every_s=log_every_s)
 
@@ -170,17 +176,25 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0) -> i
             actor = idle.pop()
             ref = actor.process_shard.remote(task.url, task.shard, task.attempt)
             running[ref] = (actor, task)
+            started[ref] = time.monotonic()
             log.info("shard %s start (attempt %d): %s", task.shard, task.attempt, task.url)
         ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
         if not ready:
             progress.in_flight(_rows_in_flight(ray, [a for a, _ in running.values()]))
+            for busy_ref, (busy_actor, busy_task) in running.items():
+                if busy_ref not in stalled and time.monotonic() - started[busy_ref] > watchdog_s:
+                    log.error("shard %s stalled past %.0fs; killing its actor", busy_task.shard, watchdog_s)
+                    stalled.add(busy_ref)
+                    ray.kill(busy_actor, no_restart=True)
             continue
         ref = ready[0]
         actor, task = running.pop(ref)
+        started.pop(ref)
         try:
             outcome = ray.get(ref)
         except (RayActorError, ActorDiedError) as e:
-            reason = f"actor died: {_first_line(e)}"
+            reason = (f"stalled past the {watchdog_s:.0f}s watchdog; actor killed" if ref in stalled
+                      else f"actor died: {_first_line(e)}")
             ray.kill(actor, no_restart=True)
             idle.append(new_actor())
             record_shard_failure()

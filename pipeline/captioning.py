@@ -59,6 +59,7 @@ class Captioner:
             dtype=dtype,
             device=self.device,
             attn_implementation=m.model.attn_implementation,
+            allow_pickle=m.model.allow_pickle,
         )
         template = self.loaded.template
         self.prompt_en = template.format(m.prompts.en or template.default_question_en, with_image=True)

@@ -36,6 +36,9 @@ class ModelSpec:
     dtype: str = "bfloat16"
     device: str = "auto"  # "auto": cuda when the actor holds a GPU, else cpu
     attn_implementation: str = "sdpa"
+    # Pickle `.bin` weights are refused unless this is true; even then only plain tensors load
+    # (torch.load(weights_only=True)). Not in the fingerprint: the weights are the same.
+    allow_pickle: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class Manifest:
     storage: StorageSpec = field(default_factory=StorageSpec)
     chunk_size: int = 256
     max_attempts: int = 3
+    # A shard running longer fails this attempt (committed chunks are kept; the retry resumes after them).
+    shard_timeout_s: float = 7200.0
     source: str = "<dict>"  # where it was read from; not part of the spec itself
 
     def replace(self, **changes: Any) -> Manifest:
@@ -177,6 +182,10 @@ def _coerce(tp: Any, value: Any, source: str, name: str) -> Any:
         if not isinstance(value, list):
             raise ManifestError(f"{source}: field '{name}' must be a list, got {_tname(value)}")
         return [_coerce(inner, v, source, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ManifestError(f"{source}: field '{name}' must be true or false, got {_tname(value)}")
+        return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ManifestError(f"{source}: field '{name}' must be a number, got {_tname(value)}")
@@ -228,6 +237,7 @@ def _check_values(m: Manifest, source: str) -> None:
         ("decode.max_ahead", m.decode.max_ahead),
         ("decode.timeout_s", m.decode.timeout_s),
         ("chunk_size", m.chunk_size),
+        ("shard_timeout_s", m.shard_timeout_s),
         ("max_attempts", m.max_attempts),
     ]
     if m.resources.actors is not None:

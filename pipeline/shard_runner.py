@@ -24,6 +24,10 @@ from pipeline.writing import OutputStore
 log = logging.getLogger(__name__)
 
 
+class ShardTimeout(RuntimeError):
+    """The shard ran past its time limit; committed chunks are kept and the next attempt resumes after them."""
+
+
 @dataclass
 class ShardOutcome:
     shard: str
@@ -52,6 +56,7 @@ def run_shard(
 ) -> ShardOutcome:
     m = captioner.manifest
     t_start = time.perf_counter()
+    deadline = time.monotonic() + m.shard_timeout_s
     out = ShardOutcome(shard=shard, url=url)
     if store.is_finished(shard):
         store.discard_leftover_chunks(shard)
@@ -90,6 +95,11 @@ def run_shard(
 
     results = decode_pool.imap(fresh_samples())
     while True:
+        if time.monotonic() > deadline:
+            flush_batch()
+            commit()
+            raise ShardTimeout(f"shard {shard} ran past its {m.shard_timeout_s:g} s limit "
+                               f"({out.rows_new} new rows committed; the next attempt resumes after them)")
         t_wait = time.perf_counter()
         item = next(results, None)
         out.wait_decode_s += time.perf_counter() - t_wait
@@ -112,6 +122,9 @@ def run_shard(
             commit()
     flush_batch()
     commit()
+    if reader.members_skipped:
+        log.warning("shard %s: %d tar members skipped (%s)", shard, reader.members_skipped,
+                    ", ".join(f"{k}: {v}" for k, v in sorted(reader.skipped.items())))
     if reader.truncated:
         out.truncated = reader.error or "tar ended early"
         log.warning("shard %s: truncated tar (%s); keeping the %d samples read", shard, out.truncated,

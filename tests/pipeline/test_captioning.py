@@ -152,3 +152,16 @@ def test_resume_skips_committed_keys(artefacts, tmp_path):
     assert sorted(r["key"] for r in rows) == sorted(planted["00000"])
     kept = next(r for r in rows if r["key"] == first_key)
     assert kept["error"] == "committed by an earlier attempt"  # not recomputed
+
+
+def test_shard_time_limit_keeps_committed_rows_and_fails_the_attempt(artefacts, tmp_path):
+    from pipeline.shard_runner import ShardTimeout
+
+    root, ckpt, mt, planted = artefacts
+    m = make_manifest(root, ckpt, mt, tmp_path / "out", shard_timeout_s=1e-9)
+    with pytest.raises(ShardTimeout, match="ran past its"):
+        run(m)
+    store = OutputStore(m.output)
+    assert not store.is_finished("00000")  # this attempt failed; its committed chunks (if any) stay for resume
+    rows, _ = run(make_manifest(root, ckpt, mt, tmp_path / "out"))
+    assert sorted(r["key"] for r in rows) == sorted(planted["00000"])

@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from model.generation import generate_captions, generate_text
 from model.loading import load_pllava
 from pipeline.chinese import normalize_zh
-from pipeline.frames import DecodedClip, DecodeFailure
+from pipeline.frames import DecodedClip, DecodeFailure, normalize_frames
 from pipeline.manifest import Manifest
 from pipeline.quality import detect_flags
 from pipeline.shards import Sample
@@ -104,10 +105,13 @@ class Captioner:
 
     def _caption(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
         m = self.manifest
-        pixels = torch.stack([clip.pixel_values for _, clip in items])  # (B, T, 3, 336, 336)
         t0 = time.perf_counter()
+        frames = torch.from_numpy(np.stack([clip.frames for _, clip in items]))  # (B, T, 336, 336, 3) uint8
+        if self.device != "cpu":
+            frames = frames.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
-            features = self.loaded.model.encode_videos(pixels.to(self.device))  # (B, N_vis, D)
+            pixels = normalize_frames(frames)  # (B, T, 3, 336, 336) float32 on the model's device
+            features = self.loaded.model.encode_videos(pixels)  # (B, N_vis, D)
             t1 = time.perf_counter()
             en = generate_captions(self.loaded, [self.prompt_en] * len(items), features,
                                    max_new_tokens=m.generation.max_new_tokens,

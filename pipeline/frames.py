@@ -2,8 +2,8 @@
 
 ``decode_clip`` never raises: a clip that cannot be decoded is a ``DecodeFailure`` with a readable reason.
 Decoding is split in two so that a decoder process only ships uint8 frames (5.4 MB per clip instead of
-21.7 MB of float32): ``decode_frames`` (decord, numpy, no torch) and ``DecodedClip.from_frames``
-(normalisation). A hang or a crash inside the decoder (C code) cannot be stopped in-process:
+21.7 MB of float32): ``decode_frames`` (decord, numpy, no torch), and ``normalize_frames``, run on a whole
+batch on the model's device. A hang or a crash inside the decoder (C code) cannot be stopped in-process:
 ``pipeline.decode.DecodePool`` in process mode enforces the per-clip time limit by killing its worker.
 """
 
@@ -72,9 +72,13 @@ class Frames:
 
 @dataclass
 class DecodedClip:
-    """A clip ready for PLLaVA; ``width``/``height``/``num_frames`` describe the source clip."""
+    """A clip ready for PLLaVA; ``width``/``height``/``num_frames`` describe the source clip.
 
-    pixel_values: torch.Tensor  # (T, 3, size, size) float32, CLIP-normalised
+    The frames stay uint8 until the model batch is built (``normalize_frames`` on the model's device):
+    a quarter of the bytes to stack and to copy to the GPU, and one vectorised normalisation per batch.
+    """
+
+    frames: np.ndarray  # (T, size, size, 3) uint8 RGB
     fps: float
     num_frames: int
     width: int
@@ -84,16 +88,26 @@ class DecodedClip:
 
     @classmethod
     def from_frames(cls, frames: Frames) -> DecodedClip:
-        """Normalise uint8 frames: RGB / 255, then CLIP mean and std."""
+        return cls(frames.frames, frames.fps, frames.num_frames, frames.width, frames.height,
+                   frames.duration_s, frames.frame_indices)
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """(T, 3, size, size) float32, CLIP-normalised."""
         import torch  # here, not at the top: decoder processes import this module and need no torch
 
-        scale = torch.tensor([1 / (255 * s) for s in CLIP_STD]).view(1, 3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(1, 3, 1, 1)
-        pixels = torch.from_numpy(frames.frames).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8, a view
-        pixel_values = torch.empty(pixels.shape, dtype=torch.float32).copy_(pixels)
-        pixel_values.mul_(scale).add_(shift)
-        return cls(pixel_values, frames.fps, frames.num_frames, frames.width, frames.height,
-                   frames.duration_s, frames.frame_indices)
+        return normalize_frames(torch.from_numpy(self.frames))
+
+
+def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (..., H, W, 3) → float32 (..., 3, H, W): / 255, then CLIP mean and std, on frames' device."""
+    import torch
+
+    scale = torch.tensor([1 / (255 * s) for s in CLIP_STD], device=frames.device).view(3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=frames.device).view(3, 1, 1)
+    pixels = frames.movedim(-1, -3)  # (..., 3, H, W) uint8, a view
+    out = torch.empty(pixels.shape, dtype=torch.float32, device=frames.device).copy_(pixels)
+    return out.mul_(scale).add_(shift)
 
 
 def _short_reason(err: BaseException) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline.captioning import Captioner
 from pipeline.chinese import normalize_zh
@@ -103,7 +103,7 @@ def test_a_bad_clip_becomes_an_error_row_and_the_batch_goes_on(artefacts, tmp_pa
     captioner = Captioner(m)
     with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
         items = [(s, c) for s, c in pool.imap(ShardReader(m.shards[0])) if hasattr(c, "pixel_values")][:2]
-    broken = dataclasses.replace(items[1][1], pixel_values=torch.zeros(16, 3, 7, 7))  # wrong size for CLIP
+    broken = dataclasses.replace(items[1][1], frames=np.zeros((16, 7, 7, 3), np.uint8))  # wrong size for CLIP
     rows = captioner.caption_batch([items[0], (items[1][0], broken)])
     assert [r["key"] for r in rows] == [items[0][0].key, items[1][0].key]
     assert rows[0]["status"] in ("ok", "flagged") and rows[0]["caption_en"] is not None
@@ -165,3 +165,17 @@ def test_shard_time_limit_keeps_committed_rows_and_fails_the_attempt(artefacts, 
     assert not store.is_finished("00000")  # this attempt failed; its committed chunks (if any) stay for resume
     rows, _ = run(make_manifest(root, ckpt, mt, tmp_path / "out"))
     assert sorted(r["key"] for r in rows) == sorted(planted["00000"])
+
+
+def test_batched_normalisation_equals_per_clip_pixel_values(artefacts, tmp_path):
+    """The uint8 batch normalised at once is bit-identical to stacking each clip's float pixels."""
+    import torch
+
+    from pipeline.frames import normalize_frames
+
+    root, ckpt, mt, _ = artefacts
+    m = make_manifest(root, ckpt, mt, tmp_path / "out")
+    with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
+        clips = [c for _, c in pool.imap(ShardReader(m.shards[0])) if hasattr(c, "frames")]
+    batched = normalize_frames(torch.from_numpy(np.stack([c.frames for c in clips])))
+    assert torch.equal(batched, torch.stack([c.pixel_values for c in clips]))

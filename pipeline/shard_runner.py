@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -93,18 +95,7 @@ def run_shard(
                 on_commit(list(pending), out)
             pending.clear()
 
-    results = decode_pool.imap(fresh_samples())
-    while True:
-        if time.monotonic() > deadline:
-            flush_batch()
-            commit()
-            raise ShardTimeout(f"shard {shard} ran past its {m.shard_timeout_s:g} s limit "
-                               f"({out.rows_new} new rows committed; the next attempt resumes after them)")
-        t_wait = time.perf_counter()
-        item = next(results, None)
-        out.wait_decode_s += time.perf_counter() - t_wait
-        if item is None:
-            break
+    def _route(item: tuple[Sample, Any]) -> None:
         sample, decoded = item
         if decoded is None and sample.source_failed:
             reason = sample.source_error or f"source video {sample.source_status}"
@@ -120,6 +111,30 @@ def run_shard(
                 flush_batch()
         if len(pending) >= m.chunk_size:
             commit()
+
+    results = _Prefetcher(decode_pool.imap(fresh_samples()))
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                flush_batch()
+                commit()
+                raise ShardTimeout(f"shard {shard} ran past its {m.shard_timeout_s:g} s limit "
+                                   f"({out.rows_new} new rows committed; the next attempt resumes after them)")
+            item = results.poll()
+            if item is _NOT_READY and batch:
+                # Decoding is behind: caption the partial batch now rather than leave the model idle
+                # (results do not depend on batch composition: batch-1 == batch-N is tested in model/).
+                flush_batch()
+                continue
+            if item is _NOT_READY:
+                t_wait = time.perf_counter()
+                item = results.get()
+                out.wait_decode_s += time.perf_counter() - t_wait
+            if item is _END:
+                break
+            _route(item)
+    finally:
+        results.close()
     flush_batch()
     commit()
     if reader.members_skipped:
@@ -134,6 +149,67 @@ def run_shard(
     out.seconds = time.perf_counter() - t_start
     mark_done(store, shard, counts, out.truncated, out.seconds)
     return out
+
+
+_NOT_READY = object()
+_END = object()
+
+
+class _Prefetcher:
+    """Runs the read → decode iterator in a thread, so the caller can ask "is a decoded clip ready?"
+
+    At most `depth` results wait in the queue (the decode pool bounds what is in flight behind it).
+    An exception in the iterator (e.g. an unreadable shard) is re-raised by get()/poll() in the caller.
+    """
+
+    def __init__(self, iterator: Iterator[Any], depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iterator,), name="shard-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, iterator: Iterator[Any]) -> None:
+        try:
+            for item in iterator:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as e:  # handed to the caller, who decides
+            self._put(("error", e))
+
+    def _put(self, entry: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _unwrap(self, entry: tuple[str, Any]) -> Any:
+        kind, value = entry
+        if kind == "error":
+            raise value
+        return _END if kind == "end" else value
+
+    def poll(self) -> Any:
+        try:
+            return self._unwrap(self._queue.get_nowait())
+        except queue.Empty:
+            return _NOT_READY
+
+    def get(self) -> Any:
+        return self._unwrap(self._queue.get())
+
+    def close(self) -> None:
+        """Stop and wait for the thread, so the decode pool is free for the next shard."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
 
 
 def summarize(counts: Counter | dict[str, int]) -> str:

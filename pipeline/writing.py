@@ -170,7 +170,10 @@ class OutputStore:
     def committed_keys(self, shard: str) -> set[str]:
         keys: set[str] = set()
         for path in self.chunk_paths(shard):
-            keys.update(self._read_table(path, columns=["key"]).column("key").to_pylist())
+            try:
+                keys.update(self._read_table(path, columns=["key"]).column("key").to_pylist())
+            except FileNotFoundError:  # merged and removed by a concurrent finalizer: its rows are in data/
+                continue
         return keys
 
     def is_finished(self, shard: str) -> bool:
@@ -183,10 +186,15 @@ class OutputStore:
         crash anywhere in here leaves either the chunks or the finished file, never neither. If the
         data file already exists its rows are kept and merged first, so finalizing twice never drops a key.
         """
-        paths = self.chunk_paths(shard)
-        tables = [self._read_table(p) for p in paths]
-        if self.is_finished(shard):  # a late second finalizer (e.g. a zombie actor): union, never shrink
-            tables.insert(0, self._read_table(self.data_path(shard)))
+        for attempt in range(3):
+            try:
+                tables = [self._read_table(p) for p in self.chunk_paths(shard)]
+                if self.is_finished(shard):  # a late second finalizer (e.g. a zombie actor): union, never shrink
+                    tables.insert(0, self._read_table(self.data_path(shard)))
+                break
+            except FileNotFoundError:  # a concurrent finalizer merged and removed a chunk: read again
+                if attempt == 2:
+                    raise
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
         table = dedupe_by_key(table)
         table = table.replace_schema_metadata({**(SCHEMA.metadata or {}), **metadata})

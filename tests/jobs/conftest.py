@@ -1,8 +1,8 @@
 """Real artefacts for the job tests: a tiny checkpoint, synthetic shards, a local Ray cluster.
 
 The cluster is started with `ray start --head` on 127.0.0.1 with token authentication on (the token
-lives in a file of this test session, passed by RAY_AUTH_TOKEN_PATH), and stopped with `ray stop`
-at the end. Loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray on 127.0.0.1.
+lives in a file of this test session, passed by RAY_AUTH_TOKEN_PATH), and stopped
+at the end (only its own processes). Loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.dataset as ds
 import pytest
 import yaml
@@ -79,7 +81,10 @@ def ray_cluster(tmp_path_factory):
     env = base_env()
     # metrics pushed to the node's exporter every second (default 10 s), so a short test job shows up
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_metrics_report_interval_ms="1000")
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--num-gpus", "0",
+    # Its own short temp dir: the cluster's processes name it, so teardown stops exactly these processes
+    # (`ray stop` would stop every Ray on the machine, other test runs' and users' included).
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", temp_dir,
            "--node-ip-address", "127.0.0.1", "--port", str(gcs_port), "--metrics-export-port", str(metrics_port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
@@ -93,7 +98,31 @@ def ray_cluster(tmp_path_factory):
     try:
         yield cluster
     finally:
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Stop the processes of the cluster started with --temp-dir temp_dir, and their children; nothing else."""
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in (p.info["cmdline"] or []))]
+    procs = {}
+    for root in roots:
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                procs[p.pid] = p
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def write_manifest(path: Path, *, shards: str, output: Path, model: Path, **overrides) -> Path:

@@ -30,7 +30,7 @@ from typing import Literal, Self
 
 import numpy as np
 
-from pipeline.frames import NUM_FRAMES, SIZE, DecodedClip, DecodeFailure, Frames, decode_frames
+from pipeline.frames import NUM_FRAMES, SIZE, DecodedClip, DecodeFailure, decode_frames
 from pipeline.shards import Sample
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,14 @@ def _worker_main(conn: multiprocessing.connection.Connection, num_frames: int, s
         conn.send_bytes(result.frames.data.cast("B"))  # flat bytes: send_bytes counts len(), not nbytes
 
 
-def _receive_frames(conn: multiprocessing.connection.Connection, header: dict) -> Frames:
+def _receive_frames(conn: multiprocessing.connection.Connection, header: dict) -> DecodedClip:
     shape = [int(n) for n in header["shape"]]
     payload = bytearray(int(np.prod(shape)))  # writable, so torch can wrap it without a copy
     if conn.recv_bytes_into(payload) != len(payload):
         raise ValueError("frame payload of the wrong size")
     frames = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
     indices = [int(i) for i in header["frame_indices"]]
-    return Frames(frames, float(header["fps"]), int(header["num_frames"]), int(header["width"]),
+    return DecodedClip(frames, float(header["fps"]), int(header["num_frames"]), int(header["width"]),
                   int(header["height"]), float(header["duration_s"]), indices)
 
 
@@ -102,7 +102,7 @@ def _receive_frames(conn: multiprocessing.connection.Connection, header: dict) -
 class _Job:
     sample: Sample
     done: bool = False
-    result: Frames | DecodeFailure | None = None
+    result: DecodedClip | DecodeFailure | None = None
     future: Future | None = field(default=None, repr=False)
     deadline: float = 0.0
 
@@ -194,7 +194,7 @@ class DecodePool:
             while not head.done:
                 self._progress(head, queued)
             window.popleft()
-            yield head.sample, self._finish(head.result)
+            yield head.sample, head.result
 
     def close(self) -> None:
         """Stop the workers. Idempotent."""
@@ -213,10 +213,6 @@ class DecodePool:
         self.close()
 
     # -- internals
-
-    @staticmethod
-    def _finish(result: Frames | DecodeFailure | None) -> Result:
-        return DecodedClip.from_frames(result) if isinstance(result, Frames) else result
 
     def _submit(self, job: _Job, queued: collections.deque[_Job]) -> None:
         if self.mode == "thread":

@@ -58,24 +58,12 @@ class DecodeFailure:
 
 
 @dataclass
-class Frames:
-    """Sampled, resized and center-cropped frames as uint8, plus what was learnt about the clip."""
-
-    frames: np.ndarray  # (T, size, size, 3) uint8 RGB
-    fps: float
-    num_frames: int
-    width: int
-    height: int
-    duration_s: float
-    frame_indices: list[int]
-
-
-@dataclass
 class DecodedClip:
-    """A clip ready for PLLaVA; ``width``/``height``/``num_frames`` describe the source clip.
+    """A decoded clip: 16 sampled, resized and center-cropped frames, and what was learnt about the source.
 
-    The frames stay uint8 until the model batch is built (``normalize_frames`` on the model's device):
-    a quarter of the bytes to stack and to copy to the GPU, and one vectorised normalisation per batch.
+    ``width``/``height``/``num_frames`` describe the source clip. The frames stay uint8 until the model
+    batch is built (``normalize_frames`` on the model's device): a quarter of the bytes to ship from a
+    decoder process, to stack and to copy to the GPU, and one vectorised normalisation per batch.
     """
 
     frames: np.ndarray  # (T, size, size, 3) uint8 RGB
@@ -85,11 +73,6 @@ class DecodedClip:
     height: int
     duration_s: float
     frame_indices: list[int]
-
-    @classmethod
-    def from_frames(cls, frames: Frames) -> DecodedClip:
-        return cls(frames.frames, frames.fps, frames.num_frames, frames.width, frames.height,
-                   frames.duration_s, frames.frame_indices)
 
     @property
     def pixel_values(self) -> torch.Tensor:
@@ -131,7 +114,7 @@ def _probe(mp4: bytes) -> tuple[int, int] | DecodeFailure:
         return DecodeFailure(f"could not read the mp4 container: {_short_reason(err)}")
 
 
-def decode_frames(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE) -> Frames | DecodeFailure:
+def decode_frames(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE) -> DecodedClip | DecodeFailure:
     """Decode ``num_frames`` PLLaVA-sampled frames, resized (shortest side ``size``) and center-cropped.
 
     decord resizes while decoding (swscale, in C); we pass the exact target so the aspect ratio is kept.
@@ -183,15 +166,12 @@ def decode_frames(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE)
         fps = 0.0
     if not np.isfinite(duration_s) or duration_s <= 0:
         duration_s = n / fps if fps else 0.0
-    return Frames(frames, fps, n, width, height, duration_s, indices)
+    return DecodedClip(frames, fps, n, width, height, duration_s, indices)
 
 
 def decode_clip(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE) -> DecodedClip | DecodeFailure:
     """PLLaVA's input for one clip, or why there is none. Never raises."""
     try:
-        frames = decode_frames(mp4, num_frames=num_frames, size=size)
+        return decode_frames(mp4, num_frames=num_frames, size=size)
     except Exception as err:  # noqa: BLE001 - the contract is "never raises"
         return DecodeFailure(f"unexpected error while decoding: {_short_reason(err)}")
-    if isinstance(frames, DecodeFailure):
-        return frames
-    return DecodedClip.from_frames(frames)

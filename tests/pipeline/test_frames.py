@@ -19,7 +19,6 @@ from pipeline.frames import (
     CLIP_STD,
     DecodedClip,
     DecodeFailure,
-    Frames,
     decode_clip,
     resized_size,
     sample_frame_indices,
@@ -80,7 +79,7 @@ def test_resized_size_keeps_aspect() -> None:
 def test_from_frames_normalises_like_clip() -> None:
     frames = np.zeros((16, 4, 4, 3), np.uint8)
     frames[..., 0], frames[..., 1], frames[..., 2] = 255, 0, 128
-    clip = DecodedClip.from_frames(Frames(frames, 25.0, 16, 4, 4, 0.64, list(range(16))))
+    clip = DecodedClip(frames, 25.0, 16, 4, 4, 0.64, list(range(16)))
     assert clip.pixel_values.shape == (16, 3, 4, 4) and clip.pixel_values.dtype == torch.float32
     expected = [(v / 255 - m) / s for v, m, s in zip((255, 0, 128), CLIP_MEAN, CLIP_STD)]
     assert torch.allclose(clip.pixel_values[3, :, 2, 1], torch.tensor(expected), atol=1e-6)

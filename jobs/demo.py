@@ -54,7 +54,7 @@ def main() -> int:
             print(f"  {row['key']} [{row['status']}]")
             print(f"    en: {row['caption_en'][:70]!r}")
             print(f"    zh: {row['caption_zh'][:40]!r}")
-        print(f"\nstatus: python -m jobs.status {m.output}")
+        print(f"\nstatus: recaption status {m.output}   (or: python -m jobs.status {m.output})")
     return rc
 
 

@@ -177,3 +177,45 @@ def test_fingerprint_mismatch_and_bad_manifest_are_refused(tiny_checkpoint, shar
     proc = run_job([str(bad)], base_env())
     assert proc.returncode == 2
     assert f"{bad}: field 'chunk_size' must be an integer" in proc.stderr
+
+
+def test_a_stalled_shard_is_stopped_by_the_watchdog(tiny_checkpoint, shards, tmp_path):
+    """A server that trickles one byte a second never trips a socket timeout; the driver's watchdog
+    (1.5 × shard_timeout_s + 60 s) kills the stuck actor and the shard fails with the reason."""
+    import http.server
+    import threading
+
+    shard_dir, _ = shards
+    data = (shard_dir / "00000.tar").read_bytes()
+    stop = threading.Event()
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:1024])
+            for byte in data[1024:]:
+                if stop.wait(1.0):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "out"
+        manifest = write_manifest(tmp_path / "job.yaml", shards=f"http://127.0.0.1:{server.server_port}/00000.tar",
+                                  output=out, model=tiny_checkpoint, max_attempts=1, shard_timeout_s=0.5)
+        proc = run_job([str(manifest)], base_env(), timeout=300)
+    finally:
+        stop.set()
+        server.shutdown()
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    state = shard_state(out, "00000")
+    assert state["state"] == "failed" and "watchdog" in state["errors"][-1]["reason"], state

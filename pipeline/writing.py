@@ -110,21 +110,30 @@ class OutputStore:
         """`path` holds `data` or what it held before, never a part of it, whenever the writer dies."""
         parent, name = path.rsplit("/", 1)
         if self.is_local:
-            self.fs.create_dir(parent, recursive=True)
-            # Dot-prefixed: a temp file left by a kill -9 (torn, or complete but not yet renamed) sits
-            # next to the data files, and readers of OUT/data (pyarrow, pandas, Ray Data) skip "."/"_" names.
-            tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            with open(tmp, "rb+") as f:  # durable before it becomes visible
-                os.fsync(f.fileno())
-            self.fs.move(tmp, path)
+            for attempt in range(3):
+                try:
+                    self._write_then_rename(parent, name, data)
+                    return
+                except FileNotFoundError:  # a concurrent finalizer removed the chunk folder under us
+                    if attempt == 2:
+                        raise
         else:
             # No parent directories on an object store, no rename: the object is visible only once its PUT
             # (past 10 MiB, its multipart upload) completes. pyarrow completes an upload on close even when
             # an exception interrupted the writing, so the bytes go in whole, in one write.
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
+
+    def _write_then_rename(self, parent: str, name: str, data: bytes) -> None:
+        self.fs.create_dir(parent, recursive=True)
+        # Dot-prefixed: a temp file left by a kill -9 (torn, or complete but not yet renamed) sits
+        # next to the data files, and readers of OUT/data (pyarrow, pandas, Ray Data) skip "."/"_" names.
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        with open(tmp, "rb+") as f:  # durable before it becomes visible
+            os.fsync(f.fileno())
+        self.fs.move(tmp, f"{parent}/{name}")
 
     def read_bytes(self, path: str) -> bytes | None:
         try:

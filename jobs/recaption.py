@@ -9,6 +9,7 @@ a shard whose actor died, and exits non-zero listing the shards that failed `max
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -58,9 +59,9 @@ def apply_overrides(m: Manifest, args: argparse.Namespace) -> Manifest:
     if args.output:
         changes["output"] = args.output
     if args.model:
-        changes["model"] = m.model.__class__(**{**m.model.__dict__, "path": args.model})
+        changes["model"] = dataclasses.replace(m.model, path=args.model)
     if args.actors:
-        changes["resources"] = m.resources.__class__(**{**m.resources.__dict__, "actors": args.actors})
+        changes["resources"] = dataclasses.replace(m.resources, actors=args.actors)
     return m.replace(**changes) if changes else m
 
 
@@ -72,7 +73,7 @@ def prompt_version_of(m: Manifest) -> str:
     return prompt_version_for(m, template_for_model_dir(m.model.path))
 
 
-def connect_ray(m: Manifest) -> Any:
+def connect_ray() -> Any:
     import ray
 
     if os.environ.get("RAY_ADDRESS"):
@@ -137,7 +138,7 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0) -> i
     if not plan.to_run:
         return _finish(store, names, plan.failed_skipped)
 
-    ray = connect_ray(m)
+    ray = connect_ray()
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
     from jobs.actor import ShardCaptioner

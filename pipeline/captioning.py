@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,6 @@ class CaptionStats:
     seconds_vision: float = 0.0
     seconds_en: float = 0.0
     seconds_zh: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(requested: str) -> str:
@@ -53,7 +52,7 @@ class Captioner:
         self.manifest = m
         self.ignore_eos = ignore_eos
         self.device = resolve_device(m.model.device)
-        dtype = m.model.dtype if self.device != "cpu" else "float32"
+        dtype = m.model.dtype if self.device != "cpu" else "float32"  # bf16/fp16 matmuls are slow on CPUs
         self.loaded = load_pllava(
             m.model.path,
             lora_alpha=m.model.lora_alpha,

@@ -76,7 +76,7 @@ def build_random_model(config: PllavaConfig, device: torch.device, dtype: torch.
     """Skeleton on meta → `to_empty` on `device` → in-place init; no CPU copy of the weights, ever."""
     import torch
 
-    from model.loading import _materialize_buffers
+    from model.loading import materialize_buffers
     from model.pllava import PllavaModel
 
     with torch.device("meta"):
@@ -91,17 +91,17 @@ def build_random_model(config: PllavaConfig, device: torch.device, dtype: torch.
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=gen)
-    _materialize_buffers(model, device)  # rotary inv_freq and CLIP position ids are not parameters
+    materialize_buffers(model, device)  # rotary inv_freq and CLIP position ids are not parameters
     return model.eval().requires_grad_(False)
 
 
 def build_loaded(tiny_dir: Path, tiny: bool, device: torch.device, dtype: torch.dtype) -> LoadedPllava:
-    from model.loading import CLIP_MEAN, CLIP_STD, LoadedPllava, _load_tokenizer
+    from model.loading import CLIP_MEAN, CLIP_STD, LoadedPllava, load_tokenizer
     from model.prompts import template_for
 
     config = pllava_config(tiny_dir, tiny)
     model = build_random_model(config, device, dtype)
-    return LoadedPllava(model=model, tokenizer=_load_tokenizer(tiny_dir, config), config=config,
+    return LoadedPllava(model=model, tokenizer=load_tokenizer(tiny_dir, config), config=config,
                         family="vicuna", name=config.name_or_path or "tiny", lora_alpha=LORA_ALPHA,
                         lora_rank=LORA_RANK_7B, template=template_for("vicuna"), image_mean=CLIP_MEAN,
                         image_std=CLIP_STD, image_size=config.vision["image_size"])

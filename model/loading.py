@@ -246,7 +246,7 @@ def _read_adapter_config(model_dir: Path) -> tuple[int | None, float | None]:
     return rank, float(alpha)
 
 
-def _materialize_buffers(model: PllavaModel, device: torch.device) -> None:
+def materialize_buffers(model: PllavaModel, device: torch.device) -> None:
     """Non-persistent buffers are not in checkpoints; on `meta` they must be recomputed from the configs."""
     for module in model.modules():
         if isinstance(module, CLIPVisionEmbeddings):
@@ -275,7 +275,7 @@ def _read_preprocessor(model_dir: Path, config: PllavaConfig) -> tuple[tuple, tu
     return mean, std, size  # type: ignore[return-value]
 
 
-def _load_tokenizer(model_dir: Path, config: PllavaConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_dir: Path, config: PllavaConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     tokenizer.padding_side = "left"  # batched generation needs the prompts to end together
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -316,7 +316,7 @@ def build_model(
             fill = torch.ones if name.endswith("weight") else torch.zeros
             state[name] = fill(expected[name], dtype=state["multi_modal_projector.linear_1.weight"].dtype)
     model.load_state_dict({n: t.to(device) for n, t in state.items()}, strict=True, assign=True)
-    _materialize_buffers(model, device)
+    materialize_buffers(model, device)
     model.eval().requires_grad_(False)
     return model
 
@@ -345,7 +345,7 @@ def load_pllava(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     device = torch.device(device)
     config = PllavaConfig.from_dir(model_dir)
-    tokenizer = _load_tokenizer(model_dir, config)
+    tokenizer = load_tokenizer(model_dir, config)
     family = detect_family(config, tokenizer.get_vocab())
 
     has_safetensors = (model_dir / "model.safetensors.index.json").is_file() or (

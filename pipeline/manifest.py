@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -115,7 +116,53 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
+        _check_finite(d, self.source)  # a Manifest built or replaced in code skips _coerce; JSON has no nan
         return d
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently).
+
+    Before constructing, each mapping node is given its dotted field name, so the error can name it."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._field_of: dict[int, str] = {}
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._name_nodes(node, "")
+        return super().construct_document(node)
+
+    def _name_nodes(self, node: yaml.Node, prefix: str) -> None:
+        if id(node) in self._field_of:  # an alias: named where it was first seen
+            return
+        self._field_of[id(node)] = prefix
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                self._name_nodes(value_node, f"{prefix}.{key}" if prefix else str(key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._name_nodes(item, f"{prefix}[{i}]")
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<` merges may be overridden by explicit keys; complex keys fail elsewhere
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                prefix = self._field_of.get(id(node), "")
+                raise _DuplicateKey(f"{prefix}.{key}" if prefix else str(key), line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, name: str, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {name!r} (line {line}; first at line {first_line})")
+        self.name, self.line, self.first_line = name, line, first_line
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -127,8 +174,10 @@ def load_manifest(path: str | Path) -> Manifest:
     except UnicodeDecodeError:
         raise ManifestError(f"{path}: manifest is not UTF-8 text") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no tags that build Python objects
+    except _DuplicateKey as e:
+        raise ManifestError(f"{path}: {e}") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an integer over Python's 4300-digit limit
         raise ManifestError(f"{path}: not valid YAML: {e}") from None
     return manifest_from_dict(raw, source=str(path))
 
@@ -189,7 +238,15 @@ def _coerce(tp: Any, value: Any, source: str, name: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ManifestError(f"{source}: field '{name}' must be a number, got {_tname(value)}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            raise ManifestError(
+                f"{source}: field '{name}' must be a finite number, got an integer too large for a float"
+            ) from None
+        if not math.isfinite(number):
+            raise ManifestError(f"{source}: field '{name}' must be a finite number, got {number}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ManifestError(f"{source}: field '{name}' must be an integer, got {_tname(value)}")
@@ -199,6 +256,18 @@ def _coerce(tp: Any, value: Any, source: str, name: str) -> Any:
             raise ManifestError(f"{source}: field '{name}' must be a string, got {_tname(value)}")
         return value
     raise TypeError(f"unsupported manifest type {tp!r} for {name}")
+
+
+def _check_finite(value: Any, source: str, name: str = "") -> None:
+    """Every float in a (nested) dict or list is finite; else ManifestError naming the dotted field."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ManifestError(f"{source}: field '{name or 'manifest'}' must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, source, f"{name}.{k}" if name else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, source, f"{name}[{i}]")
 
 
 def _tname(value: Any) -> str:
@@ -282,7 +351,9 @@ def fingerprint(m: Manifest, model_identity: str, prompt_version: str) -> tuple[
     """Hash of everything that changes the captions; not shards, output, batch size or resources.
 
     Returns the hex digest and the dict it was computed from (so a mismatch can say what differs).
+    ManifestError when a number is not finite (possible only for a Manifest built or replaced in code).
     """
+    m.to_dict()  # checks that every number is finite, naming the field
     parts = {
         "model": model_identity,
         "lora_alpha": m.model.lora_alpha,
@@ -297,7 +368,7 @@ def fingerprint(m: Manifest, model_identity: str, prompt_version: str) -> tuple[
         },
         "zh": dataclasses.asdict(m.zh) if "zh" in m.languages else None,
     }
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, allow_nan=False).encode()).hexdigest()[:16]
     return digest, parts
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import socket
 import time
@@ -17,33 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.manifest import Manifest, fingerprint
+from pipeline.model_identity import ModelIdentity, ModelPathError  # noqa: F401  (ModelPathError: re-exported)
+from pipeline.model_identity import model_identity as _content_identity
 from pipeline.writing import OutputStore
 
-SHARD_STATES = ("done", "running", "failed", "pending")
+SHARD_STATES = ("done", "running", "failed", "pending")  # + "interrupted" in status: running, driver gone
 JOB_FILE = "_job.json"
+
+log = logging.getLogger(__name__)
 
 
 class FingerprintMismatch(RuntimeError):
     pass
 
 
-def model_identity(model_path: str) -> str:
-    """A stable identity of the weights: directory name plus a hash of config and weight index.
-
-    Hashing the small metadata files (not the weights) keeps this cheap for a 34B checkpoint and
-    independent of where the directory is mounted.
-    """
-    root = Path(model_path)
-    h = hashlib.sha256()
-    found = False
-    for name in ("config.json", "model.safetensors.index.json"):
-        p = root / name
-        if p.is_file():
-            h.update(name.encode() + b"\0" + p.read_bytes())
-            found = True
-    if not found:
-        raise FileNotFoundError(f"model directory {model_path!r} has no config.json")
-    return f"{root.resolve().name}@{h.hexdigest()[:12]}"
+def model_identity(model_path: str) -> ModelIdentity:
+    """The content identity of the checkpoint in `model_path` (see pipeline/model_identity.py): the sha256 of
+    every file the loader reads, so other weights under the same folder name are told apart and a
+    byte-identical copy in another folder is not. Raises ModelPathError naming model.path."""
+    return _content_identity(model_path)
 
 
 def software_versions() -> dict[str, str]:
@@ -65,9 +58,11 @@ class JobIdentity:
 
 
 def job_identity(m: Manifest, prompt_version: str) -> JobIdentity:
+    """The fingerprint's "model" part is the weights' content digest ("sha256:<16 hex>"), never the folder
+    name; `JobIdentity.model` is the readable label ("pllava-7b@<12 hex>") for logs."""
     model = model_identity(m.model.path)
-    fp, parts = fingerprint(m, model, prompt_version)
-    return JobIdentity(fp, parts, model, prompt_version)
+    fp, parts = fingerprint(m, model.fingerprint_part, prompt_version)
+    return JobIdentity(fp, parts, model.label, prompt_version)
 
 
 def ensure_job(store: OutputStore, m: Manifest, ident: JobIdentity) -> dict[str, Any]:
@@ -76,7 +71,10 @@ def ensure_job(store: OutputStore, m: Manifest, ident: JobIdentity) -> dict[str,
     existing = store.read_json(path)
     if existing is not None:
         if existing.get("fingerprint") != ident.fingerprint:
-            raise FingerprintMismatch(_describe_mismatch(store.uri, existing.get("fingerprint_parts", {}), ident))
+            old_parts = existing.get("fingerprint_parts", {})
+            if _legacy_model_matches(old_parts, m, ident):
+                return _upgrade_identity(store, existing, ident)
+            raise FingerprintMismatch(_describe_mismatch(store.uri, old_parts, ident))
         return existing
     record = {
         "fingerprint": ident.fingerprint,
@@ -90,6 +88,44 @@ def ensure_job(store: OutputStore, m: Manifest, ident: JobIdentity) -> dict[str,
     return record
 
 
+def legacy_model_identity(model_path: str) -> str | None:
+    """The model identity of outputs written before it was the weights' content: folder name + a hash of
+    config.json and the safetensors index. None when the folder has no config.json."""
+    root = Path(model_path)
+    h = hashlib.sha256()
+    found = False
+    for name in ("config.json", "model.safetensors.index.json"):
+        p = root / name
+        if p.is_file():
+            h.update(name.encode() + b"\0" + p.read_bytes())
+            found = True
+    return f"{root.resolve().name}@{h.hexdigest()[:12]}" if found else None
+
+
+def _legacy_model_matches(old_parts: dict[str, Any], m: Manifest, ident: JobIdentity) -> bool:
+    """An output of the older identity scheme, same settings, and model.path still matching that identity:
+    it resumes (once) under the content identity instead of being refused after an upgrade."""
+    old_model = old_parts.get("model")
+    if not isinstance(old_model, str) or old_model.startswith("sha256:"):
+        return False
+    if {k: v for k, v in old_parts.items() if k != "model"} != {k: v for k, v in ident.parts.items() if k != "model"}:
+        return False
+    return legacy_model_identity(m.model.path) == old_model
+
+
+def _upgrade_identity(store: OutputStore, existing: dict[str, Any], ident: JobIdentity) -> dict[str, Any]:
+    record = dict(existing)
+    record["previous_fingerprints"] = [*existing.get("previous_fingerprints", []), existing.get("fingerprint")]
+    record["fingerprint"] = ident.fingerprint
+    record["fingerprint_parts"] = ident.parts
+    store.write_json(store.path(JOB_FILE), record)
+    log.warning("output %s: model identity upgraded from %s (folder name + config) to the content of the "
+                "weights (%s); data files written before keep fingerprint %s", store.uri,
+                existing.get("fingerprint_parts", {}).get("model"), ident.parts.get("model"),
+                existing.get("fingerprint"))
+    return record
+
+
 def _describe_mismatch(uri: str, old: dict[str, Any], ident: JobIdentity) -> str:
     diffs = []
     for key in sorted(set(old) | set(ident.parts)):
@@ -97,6 +133,21 @@ def _describe_mismatch(uri: str, old: dict[str, Any], ident: JobIdentity) -> str
         if a != b:
             diffs.append(f"  {key}: output has {json.dumps(a, sort_keys=True)}, manifest has {json.dumps(b, sort_keys=True)}")
     detail = "\n".join(diffs) or "  (fingerprint differs)"
+    old_model, new_model = old.get("model"), ident.parts.get("model")
+    if old_model != new_model:
+        if isinstance(old_model, str) and not old_model.startswith("sha256:"):
+            # Written before the identity was the weights' content (folder name + config hash then).
+            headline = (
+                f"output {uri} was written by an older version that identified the model by folder name and "
+                f"config ({old_model}), not by the content of the weights; it cannot tell whether the weights "
+                f"in model.path ({ident.model}) are the ones that wrote this output. Refusing to mix captions."
+            )
+        else:
+            headline = (
+                f"output {uri}: the weights in model.path differ from the weights that wrote this output "
+                f"(model.path now holds {ident.model}); refusing to mix captions."
+            )
+        return f"{headline}\n{detail}\nUse a new output directory, or point model.path at the original weights."
     return (
         f"output {uri} was written by a job with a different configuration; refusing to mix captions.\n"
         f"{detail}\nUse a new output directory, or restore the original settings."
@@ -115,15 +166,27 @@ def write_state(store: OutputStore, shard: str, **fields: Any) -> dict[str, Any]
     return state
 
 
+MAX_INTERVALS = 50  # earlier attempts' [start, end] kept per shard, for the active-time rate in status
+
+
 def mark_running(store: OutputStore, shard: str, url: str, attempt: int, pid: int) -> None:
+    state = read_state(store, shard) or {}
+    intervals = list(state.get("intervals") or [])
+    if state.get("started_at") and state.get("updated_at"):  # the previous attempt's active span
+        intervals = (intervals + [[state["started_at"], state["updated_at"]]])[-MAX_INTERVALS:]
     write_state(store, shard, url=url, state="running", attempts=attempt, pid=pid, host=socket.gethostname(),
-                started_at=time.time())
+                started_at=time.time(), intervals=intervals, finished_at=None)
+
+
+def touch_running(store: OutputStore, shard: str) -> None:
+    """A chunk was committed: the shard's active span reaches now (rate and ETA use active time only)."""
+    write_state(store, shard)
 
 
 def mark_done(store: OutputStore, shard: str, counts: dict[str, int], truncated: str | None,
               seconds: float) -> None:
     write_state(store, shard, state="done", rows=dict(counts), truncated=truncated, seconds=round(seconds, 3),
-                pid=None)
+                pid=None, finished_at=time.time())
 
 
 def record_failure(store: OutputStore, shard: str, url: str, attempt: int, reason: str, final: bool) -> None:
@@ -131,6 +194,21 @@ def record_failure(store: OutputStore, shard: str, url: str, attempt: int, reaso
     errors = list(state.get("errors", [])) + [{"attempt": attempt, "reason": reason, "at": time.time()}]
     write_state(store, shard, url=url, attempts=attempt, errors=errors, pid=None,
                 state="failed" if final else "running")
+
+
+SHARD_LIST_FILE = "_shards.json"
+
+
+def write_shard_list(store: OutputStore, shards: list[tuple[str, str]]) -> None:
+    """The latest run's shard list (name -> URL): `recaption status` and `inspect` report against it."""
+    store.write_json(store.path(SHARD_LIST_FILE), {"written_at": time.time(), "shards": dict(shards)})
+
+
+def read_shard_list(store: OutputStore) -> dict[str, str] | None:
+    record = store.read_json(store.path(SHARD_LIST_FILE))
+    if isinstance(record, dict) and isinstance(record.get("shards"), dict):
+        return record["shards"]
+    return None
 
 
 def shard_status(store: OutputStore, shard: str) -> str:

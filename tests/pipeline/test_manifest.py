@@ -84,3 +84,69 @@ def test_resolve_paths_keeps_urls_and_absolutises_local(tmp_path):
     r = resolve_paths(m, tmp_path)
     assert r.shards == ["s3://b/{00000..00002}.tar", f"{tmp_path.resolve()}/local/{{0..1}}.tar", "/abs/x.tar"]
     assert r.output == str(tmp_path.resolve() / "out") and r.model.path == str(tmp_path.resolve() / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "yaml_text, needle",
+    [
+        ("shards: a.tar\nmodel:\n  path: m\noutput: o\nmodel:\n  path: n\n",
+         "duplicate key 'model' (line 5; first at line 2)"),
+        ("shards: a.tar\noutput: o\nmodel:\n  path: m\n  dtype: float16\n  dtype: float32\n",
+         "duplicate key 'model.dtype' (line 6; first at line 5)"),
+        ("shards: a.tar\noutput: o\nmodel: {path: m, lora_alpha: 2, lora_alpha: 4}\n",
+         "duplicate key 'model.lora_alpha' (line 3; first at line 3)"),
+        ("shards: a.tar\noutput: o\noutput: p\nmodel: {path: m}\n", "duplicate key 'output' (line 3; first at line 2)"),
+        ("shards: a.tar\noutput: o\nmodel: {path: m}\nprompts:\n  en: A\n  zh_direct: B\n  en: C\n",
+         "duplicate key 'prompts.en' (line 7; first at line 5)"),
+    ],
+)
+def test_duplicate_keys_are_refused_with_field_and_lines(tmp_path, yaml_text, needle):
+    p = write(tmp_path, yaml_text)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    assert str(e.value) == f"{p}: {needle}"
+
+
+def test_merge_keys_overridden_explicitly_are_not_duplicates(tmp_path):
+    p = write(tmp_path, "shards: a.tar\noutput: o\nmodel: {path: m}\ngeneration: &g {max_new_tokens: 5}\n"
+                        "zh:\n  <<: *g\n  max_new_tokens: 7\n")
+    m = load_manifest(p)
+    assert (m.generation.max_new_tokens, m.zh.max_new_tokens) == (5, 7)
+
+
+@pytest.mark.parametrize("literal, shown", [(".nan", "nan"), (".NaN", "nan"), (".inf", "inf"), ("-.inf", "-inf"),
+                                            ("1.0e+999", "inf")])
+@pytest.mark.parametrize("field", ["model.lora_alpha", "generation.repetition_penalty", "decode.timeout_s",
+                                   "resources.num_gpus_per_actor", "resources.num_cpus_per_actor",
+                                   "shard_timeout_s"])
+def test_non_finite_numbers_are_refused(tmp_path, literal, shown, field):
+    section, _, key = field.rpartition(".")
+    extra = f"{section}: {{{key}: {literal}}}\n" if section and section != "model" else ""
+    model = f"{{path: m, {key}: {literal}}}" if section == "model" else "{path: m}"
+    top = f"{key}: {literal}\n" if not section else ""
+    p = write(tmp_path, f"shards: a.tar\noutput: o\nmodel: {model}\n{extra}{top}")
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    assert str(e.value) == f"{p}: field '{field}' must be a finite number, got {shown}"
+
+
+def test_huge_integer_for_a_float_field_is_refused():
+    with pytest.raises(ManifestError, match="'model.lora_alpha' must be a finite number"):
+        manifest_from_dict({**MINIMAL, "model": {"path": "m", "lora_alpha": 10**400}})
+
+
+def test_nothing_non_finite_reaches_fingerprint_or_to_dict():
+    import dataclasses
+
+    m = manifest_from_dict(MINIMAL)
+    for broken, field in [
+        (m.replace(model=dataclasses.replace(m.model, lora_alpha=float("nan"))), "model.lora_alpha"),
+        (m.replace(shard_timeout_s=float("inf")), "shard_timeout_s"),
+        (m.replace(generation=dataclasses.replace(m.generation, repetition_penalty=float("-inf"))),
+         "generation.repetition_penalty"),
+    ]:
+        with pytest.raises(ManifestError, match=f"field '{field}' must be a finite number"):
+            broken.to_dict()
+        with pytest.raises(ManifestError, match=f"field '{field}' must be a finite number"):
+            fingerprint(broken, "sha256:0123456789abcdef", "v1")
+    assert fingerprint(m, "sha256:0123456789abcdef", "v1")[0]  # finite: fine

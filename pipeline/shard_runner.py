@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.captioning import Captioner, base_row
 from pipeline.decode import DecodePool
 from pipeline.frames import DecodedClip, DecodeFailure
-from pipeline.progress import mark_done, mark_running
+from pipeline.progress import mark_done, mark_running, touch_running
 from pipeline.shards import Sample, ShardReader
 from pipeline.writing import OutputStore
 
@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 
 class ShardTimeout(RuntimeError):
     """The shard ran past its time limit; committed chunks are kept and the next attempt resumes after them."""
+
+
+class ShardIncomplete(RuntimeError):
+    """The shard's stream ended early (after the reader's retries), or it held no usable sample. What was
+    read is committed; the shard is not finalized, so it is never `done` with clips missing."""
+
+
+class ShardInterrupted(RuntimeError):
+    """The driver asked the shard to stop (Ctrl-C, SIGTERM): rows captioned so far are committed."""
 
 
 @dataclass
@@ -55,6 +64,7 @@ def run_shard(
     attempt: int,
     file_metadata: dict[bytes, bytes],
     on_commit: Callable[[list[dict[str, Any]], ShardOutcome], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ShardOutcome:
     m = captioner.manifest
     t_start = time.perf_counter()
@@ -66,11 +76,13 @@ def run_shard(
         return out
     mark_running(store, shard, url, attempt, os.getpid())
     done_keys = store.committed_keys(shard)
-    reader = ShardReader(url)
+    reader = ShardReader(url, storage=m.storage)
 
     def fresh_samples() -> Iterator[Sample]:
         seen = set(done_keys)
         for sample in reader:
+            if sample.cut_by_end:  # not committed: the shard is incomplete, the next attempt reads it whole
+                continue
             if sample.key in seen:  # committed by an earlier attempt, or a duplicate key in the tar
                 out.keys_skipped += 1
                 continue
@@ -91,6 +103,7 @@ def run_shard(
             store.commit_chunk(shard, pending, attempt)
             out.rows_new += len(pending)
             out.chunks += 1
+            touch_running(store, shard)
             if on_commit:
                 on_commit(list(pending), out)
             pending.clear()
@@ -120,6 +133,9 @@ def run_shard(
                 commit()
                 raise ShardTimeout(f"shard {shard} ran past its {m.shard_timeout_s:g} s limit "
                                    f"({out.rows_new} new rows committed; the next attempt resumes after them)")
+            if should_stop is not None and should_stop():
+                commit()  # rows captioned so far; the clips of the open batch are redone on the rerun
+                raise ShardInterrupted(f"shard {shard} stopped on request ({out.rows_new} new rows committed)")
             item = results.poll()
             if item is _NOT_READY and batch:
                 # Decoding is behind: caption the partial batch now rather than leave the model idle
@@ -140,10 +156,9 @@ def run_shard(
     if reader.members_skipped:
         log.warning("shard %s: %d tar members skipped (%s)", shard, reader.members_skipped,
                     ", ".join(f"{k}: {v}" for k, v in sorted(reader.skipped.items())))
-    if reader.truncated:
-        out.truncated = reader.error or "tar ended early"
-        log.warning("shard %s: truncated tar (%s); keeping the %d samples read", shard, out.truncated,
-                    out.rows_new + len(done_keys))
+    if reader.incomplete:
+        raise ShardIncomplete(f"incomplete: {reader.incomplete} ({out.rows_new + len(done_keys)} rows committed; "
+                              f"the next attempt reads the shard again and resumes after them)")
     counts = store.finalize_shard(shard, file_metadata)
     out.counts = dict(counts)
     out.seconds = time.perf_counter() - t_start

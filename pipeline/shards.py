@@ -5,6 +5,11 @@ or ``eval``-ed, and member names are never used as paths. Errors in a sample are
 (``Sample.source_error``, ``Sample.meta_error``, ``Sample.read_error``); only an unreadable shard raises
 (``ShardReadError``).
 
+Remote shards (http(s)://, s3://) are streamed, and a stream that breaks (connection reset, a body shorter
+than announced, a 5xx) is reopened at the byte already read (``_ResumableStream``), so a dropped connection
+costs a retry, not the rest of the shard. A shard that still could not be read to its end-of-archive block
+is reported by ``ShardReader.incomplete``: what was read is valid, but the shard must not count as done.
+
 The tar is parsed here, one 512-byte header at a time (``tarfile.TarInfo.frombuf``), instead of with
 ``tarfile``'s stream mode, because the latter ends silently on a shard cut at a member boundary: we must
 tell a complete shard (end-of-archive block) from a truncated one.
@@ -20,14 +25,16 @@ import logging
 import math
 import os
 import re
+import ssl
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 if TYPE_CHECKING:
     from pyarrow.fs import S3FileSystem
@@ -50,8 +57,14 @@ MAX_EXTENDED_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers; a bigger one
 # Output files are named after the shard ("data/{shard}.parquet", ".{shard}.parquet.tmp-…").
 MAX_SHARD_NAME_CHARS = 200
 HTTP_TIMEOUT_S = 60
-# s3:// shards are read through a buffer of this size (one ranged GET per fill); a bigger read is one GET.
+# s3:// shards are read through a buffer of this size (one ranged GET per fill).
 S3_READ_BUFFER_BYTES = 8 << 20
+# Remote shards (http(s)://, s3://) whose connection drops are reopened at the byte already read: up to
+# READ_RETRIES attempts in a row without progress, waiting RETRY_BACKOFF_S, then twice as long each time, at
+# most RETRY_MAX_BACKOFF_S. ShardReader takes the first two as arguments.
+READ_RETRIES = 5
+RETRY_BACKOFF_S = 0.5
+RETRY_MAX_BACKOFF_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -116,27 +129,314 @@ def shard_name(url: str) -> str:
 # ----------------------------------------------------------------------------------------------- opening
 
 
-def open_shard_stream(url: str, storage: StorageSpec | None = None) -> BinaryIO:
+def open_shard_stream(
+    url: str,
+    storage: StorageSpec | None = None,
+    *,
+    read_retries: int = READ_RETRIES,
+    retry_backoff_s: float = RETRY_BACKOFF_S,
+) -> BinaryIO:
     """A forward-only binary stream of the shard; nothing is staged on disk. Raises ``ShardReadError``.
 
-    ``storage`` (endpoint, region) applies to s3:// URLs; see ``s3_filesystem``.
+    ``storage`` (endpoint, region) applies to s3:// URLs; see ``s3_filesystem``. http(s):// and s3:// streams
+    resume where they stopped after a dropped connection (see ``_ResumableStream``): up to ``read_retries``
+    consecutive attempts without progress, ``retry_backoff_s`` before the first, doubling. A stream that still
+    cannot go on raises ``ShardStreamError`` from ``read``. Local files are read as they are: a short local
+    file is final.
     """
     scheme = urllib.parse.urlsplit(url).scheme if "://" in url else ""
+    retry = {"retries": read_retries, "backoff_s": retry_backoff_s}
     try:
         if scheme in ("", "file"):
             path = urllib.request.url2pathname(urllib.parse.urlsplit(url).path) if scheme else url
             return open(path, "rb")
         if scheme in ("http", "https"):
-            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+            return cast(BinaryIO, _ResumableStream(_HttpOpener(url), safe_url(url), **retry))
         if scheme == "s3":
-            # Buffered: the tar is read in 512-byte headers, and each unbuffered read would be one GET.
-            return s3_filesystem(storage).open_input_stream(url[len("s3://"):], compression=None,
-                                                            buffer_size=S3_READ_BUFFER_BYTES)
-    except urllib.error.HTTPError as err:
-        raise ShardReadError(f"cannot open shard {url}: HTTP {err.code} {err.reason}") from err
-    except (OSError, ValueError, urllib.error.URLError) as err:
-        raise ShardReadError(f"cannot open shard {url}: {err}") from err
-    raise ShardReadError(f"cannot open shard {url}: unsupported scheme {scheme!r}")
+            return cast(BinaryIO, _ResumableStream(_S3Opener(url, storage), safe_url(url), **retry))
+    except (OSError, ValueError) as err:  # local files; pyarrow's S3 set-up
+        raise ShardReadError(f"cannot open shard {url if not scheme else safe_url(url)}: {err}") from err
+    raise ShardReadError(f"cannot open shard {safe_url(url)}: unsupported scheme {scheme!r}")
+
+
+def safe_url(url: str) -> str:
+    """``url`` for logs and errors: no ``user:password@``, and no query string (it may hold a signature)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + ("?…" if parts.query else "")
+
+
+class ShardStreamError(OSError):
+    """A remote shard's stream broke and could not be resumed (retries spent, or the shard changed)."""
+
+
+class _TransientError(OSError):
+    """A failure worth retrying that is not an OSError of its own (a 5xx answer, a body cut short)."""
+
+
+# What a retry may cure. urllib's HTTPError / URLError are OSErrors; a 4xx answer is turned into
+# ShardReadError (final) before it gets here. TimeoutError (socket timeouts) is an OSError too.
+_TRANSIENT = (OSError, http.client.HTTPException)
+
+
+class _ResumableStream:
+    """A remote shard read front to back, reopened at the byte offset already consumed when it breaks.
+
+    ``open_at(offset)`` returns ``(stream, total)``: a stream whose next byte is byte ``offset`` of the shard,
+    and the shard's size when known (Content-Length, S3 object size). It raises ``ShardReadError`` for what
+    no retry can cure (404, 403, the shard changed) and anything in ``_TRANSIENT`` for the rest. A body that
+    ends before ``total`` is an error, not the end of the shard. After ``retries`` consecutive failed
+    attempts without a byte gained (the count starts again once bytes come in), ``read`` raises
+    ``ShardStreamError``; the first open raises ``ShardReadError`` instead. Waits ``backoff_s`` before the
+    first retry, doubling up to ``max_backoff_s``.
+    """
+
+    def __init__(
+        self,
+        open_at: Callable[[int], tuple[BinaryIO, int | None]],
+        url: str,
+        *,
+        retries: int = READ_RETRIES,
+        backoff_s: float = RETRY_BACKOFF_S,
+        max_backoff_s: float = RETRY_MAX_BACKOFF_S,
+    ):
+        self.url = url  # already made safe for logs
+        self.pos = 0  # bytes handed out by read()
+        self.total: int | None = None
+        self.retries_done = 0  # over the whole read, for reports
+        self._open_at = open_at
+        self._retries, self._backoff_s, self._max_backoff_s = max(0, retries), backoff_s, max_backoff_s
+        self._failures = 0  # consecutive, without progress
+        self._stream: BinaryIO | None = None
+        self.closed = False
+        try:
+            self._open()
+        except _TRANSIENT as err:
+            self._recover(err, first=True)
+
+    def _open(self) -> None:
+        stream, total = self._open_at(self.pos)
+        if total is not None and self.total is not None and total != self.total:
+            stream.close()
+            raise ShardReadError(f"shard {self.url} changed while being read: {total} bytes, was {self.total}")
+        if total is not None:
+            self.total = total
+        self._stream = stream
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail; it is dropped anyway
+                pass
+            self._stream = None
+
+    def _where(self) -> str:
+        if self.total is None:
+            return "the start" if self.pos == 0 else f"byte {self.pos} of an unknown size"
+        return f"byte {self.pos} of {self.total}"
+
+    def _recover(self, err: BaseException, first: bool = False) -> None:
+        """Back off and reopen at ``self.pos``; raise once ``retries`` attempts in a row have failed."""
+        self._drop_stream()
+        while True:
+            self._failures += 1
+            if self._failures > self._retries:
+                if first:
+                    raise ShardReadError(f"cannot open shard {self.url} after {self._retries} retries: "
+                                         f"{_describe(err)}")
+                raise ShardStreamError(f"stream ended early after {self._retries} retries: {_describe(err)} "
+                                       f"({self._where()})")
+            delay = min(self._backoff_s * 2 ** (self._failures - 1), self._max_backoff_s)
+            log.warning("shard %s: %s at %s; retry %d of %d in %.2g s", self.url, _describe(err),
+                        self._where(), self._failures, self._retries, delay)
+            time.sleep(delay)
+            self.retries_done += 1
+            try:
+                self._open()
+                return
+            except ShardReadError as final:
+                if first:
+                    raise
+                raise ShardStreamError(f"stream ended early: {final} ({self._where()})") from final
+            except _TRANSIENT as again:
+                err = again
+
+    def read(self, n: int = -1) -> bytes:
+        while True:
+            if self.closed or n == 0 or (self.total is not None and self.pos >= self.total):
+                return b""
+            want = n if n is not None and n >= 0 else -1
+            if self.total is not None:
+                want = self.total - self.pos if want < 0 else min(want, self.total - self.pos)
+            try:
+                if self._stream is None:
+                    self._open()
+                chunk = self._stream.read(want)
+                if not chunk:
+                    if self.total is None:
+                        return b""  # no announced size (chunked HTTP): a clean end is the end
+                    raise _TransientError("the connection closed before the announced end of the body")
+            except ShardReadError as final:
+                self._drop_stream()
+                raise ShardStreamError(f"stream ended early: {final} ({self._where()})") from final
+            except _TRANSIENT as err:
+                self._recover(err)
+                continue
+            self.pos += len(chunk)
+            self._failures = 0
+            return chunk
+
+    def close(self) -> None:
+        self.closed = True
+        self._drop_stream()
+
+    def __enter__(self) -> _ResumableStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _describe(err: BaseException) -> str:
+    return str(err) or type(err).__name__  # e.g. http.client.RemoteDisconnected("") has no message
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class _HttpOpener:
+    """``open_at`` for http(s):// shards: one streaming GET per attempt, ``Range: bytes=N-`` to resume.
+
+    The standard library rather than fsspec's HTTP filesystem (aiohttp): fsspec reads by ranged blocks
+    through an event loop and its streaming mode does not resume, while one plain GET per attempt keeps a
+    single connection streaming and shows the status and headers that tell a resumed body is the right one
+    (206 at the right offset, same size, same ETag / Last-Modified).
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.safe = safe_url(url)
+        self.validators: dict[str, str] | None = None  # ETag and Last-Modified of the first answer
+
+    def __call__(self, offset: int) -> tuple[BinaryIO, int | None]:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers),
+                                              timeout=HTTP_TIMEOUT_S)
+        except urllib.error.HTTPError as err:
+            err.close()
+            if err.code in (408, 425, 429) or err.code >= 500:
+                raise _TransientError(f"HTTP {err.code} {err.reason}") from None
+            raise ShardReadError(f"cannot open shard {self.safe}: HTTP {err.code} {err.reason}") from None
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, ssl.SSLCertVerificationError):  # no retry makes a certificate valid
+                raise ShardReadError(f"cannot open shard {self.safe}: {err.reason}") from None
+            raise
+        except (http.client.InvalidURL, ValueError) as err:
+            raise ShardReadError(f"cannot open shard {self.safe}: {err}") from None
+        try:
+            return response, self._check(response, offset)
+        except BaseException:
+            response.close()
+            raise
+
+    def _check(self, response: http.client.HTTPResponse, offset: int) -> int | None:
+        """The shard's size from the answer's headers; positions ``response`` at ``offset``."""
+        validators = {k: v for k in ("ETag", "Last-Modified") if (v := response.headers.get(k))}
+        if self.validators is None:
+            self.validators = validators
+        elif any(self.validators.get(k) not in (None, v) for k, v in validators.items()):
+            raise ShardReadError(f"shard {self.safe} changed on the server while being read ({validators})")
+        length = response.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if response.status == 206:
+            match = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
+            if not match or int(match.group(1)) != offset:
+                raise _TransientError(f"asked for bytes {offset}-, got Content-Range "
+                                      f"{response.headers.get('Content-Range')!r}")
+            start, end, total = int(match.group(1)), int(match.group(2)), match.group(3)
+            if length is not None and length != end - start + 1:
+                raise _TransientError(f"Content-Length {length} does not match Content-Range {start}-{end}")
+            return int(total) if total != "*" else None
+        if response.status != 200:
+            raise _TransientError(f"unexpected HTTP {response.status} {response.reason}")
+        if offset:  # the server ignored Range and sent the whole body: drop what was already read
+            if _skip(response, offset) < offset:
+                raise _TransientError(f"the body ended while skipping to byte {offset}")
+        return length
+
+
+class _S3Opener:
+    """``open_at`` for s3:// shards: a fresh HeadObject (size, existence) per attempt, then ranged reads."""
+
+    def __init__(self, url: str, storage: StorageSpec | None):
+        self.path, self.safe = url[len("s3://"):], safe_url(url)
+        self.fs = s3_filesystem(storage)
+
+    def __call__(self, offset: int) -> tuple[BinaryIO, int | None]:
+        try:
+            file = self.fs.open_input_file(self.path)
+            size = file.size()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError) as err:
+            raise ShardReadError(f"cannot open shard {self.safe}: {err}") from err
+        except OSError as err:
+            if _S3_FINAL.search(str(err)):
+                raise ShardReadError(f"cannot open shard {self.safe}: {err}") from err
+            raise
+        return cast(BinaryIO, _RangeReader(file, offset, size, S3_READ_BUFFER_BYTES)), size
+
+
+# pyarrow turns S3 errors into OSError "AWS Error <CODE> during <Operation> ..."; these codes are final.
+_S3_FINAL = re.compile(r"AWS Error (ACCESS_DENIED|NO_SUCH_BUCKET|NO_SUCH_KEY|INVALID_ACCESS_KEY_ID|"
+                       r"SIGNATURE_DOES_NOT_MATCH|RESOURCE_NOT_FOUND|INVALID_PARAMETER_VALUE)\b")
+
+
+class _RangeReader:
+    """Sequential, buffered reads of a random-access file from ``offset``: one ranged GET per buffer fill.
+
+    Buffered because the tar is parsed in 512-byte headers and each unbuffered read would be one GET. A
+    fill that comes back short of the object's size is an error (``_TransientError``), not the end.
+    """
+
+    def __init__(self, file: Any, offset: int, size: int, buffer_bytes: int):
+        self._file, self._pos, self._size, self._buffer_bytes = file, offset, size, max(BLOCK, buffer_bytes)
+        self._buf, self._at = b"", 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self._at >= len(self._buf):
+            want = min(self._buffer_bytes, self._size - self._pos)
+            if want <= 0:
+                return b""
+            data = self._file.read_at(want, self._pos)
+            if len(data) != want:
+                raise _TransientError(f"a ranged read at byte {self._pos} returned {len(data)} of {want} bytes")
+            self._buf, self._at = data, 0
+            self._pos += want
+        end = len(self._buf) if n is None or n < 0 else min(len(self._buf), self._at + n)
+        chunk = self._buf[self._at:end]
+        self._at = end
+        return chunk
+
+    def close(self) -> None:
+        self._buf = b""
+        self._file.close()
+
+
+def s3_endpoint(storage: StorageSpec | None = None) -> tuple[str | None, str | None]:
+    """(endpoint URL as scheme://host[:port], region) for S3 clients: the manifest's ``storage`` section, else
+    AWS_ENDPOINT_URL and AWS_REGION / AWS_DEFAULT_REGION."""
+    endpoint = (storage and storage.endpoint_url) or os.environ.get("AWS_ENDPOINT_URL")
+    region = (storage and storage.region) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if endpoint:
+        parts = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        # host[:port] only: a user:password@ in the URL must not reach a client's repr or its errors
+        endpoint = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        region = region or "us-east-1"  # S3-compatible stores ignore it; spares the SDK a metadata lookup
+    return endpoint, region
 
 
 def s3_filesystem(storage: StorageSpec | None = None) -> S3FileSystem:
@@ -149,14 +449,11 @@ def s3_filesystem(storage: StorageSpec | None = None) -> S3FileSystem:
     """
     from pyarrow import fs  # imported here: only s3:// shards and outputs need pyarrow's S3 support
 
-    endpoint = (storage and storage.endpoint_url) or os.environ.get("AWS_ENDPOINT_URL")
-    region = (storage and storage.region) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint, region = s3_endpoint(storage)
     options = {}
     if endpoint:
-        parts = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-        # host[:port] only: a user:password@ in the URL must not reach pyarrow's repr or its errors
-        options.update(endpoint_override=parts.netloc.rpartition("@")[2], scheme=parts.scheme)
-        region = region or "us-east-1"  # S3-compatible stores ignore it; spares the SDK a metadata lookup
+        parts = urllib.parse.urlsplit(endpoint)
+        options.update(endpoint_override=parts.netloc, scheme=parts.scheme)
     if region:
         options["region"] = region
     # allow_delayed_open: an object smaller than a part (10 MiB) is written by one PutObject at close, not a
@@ -188,6 +485,9 @@ class Sample:
     source_error: str | None = None  # the json's error_message, or why the json is missing/unusable
     meta_error: str | None = None  # fields of a readable json that could not be parsed (non-fatal)
     read_error: str | None = None  # members that could not be read (truncated shard, oversized member)
+    # The shard ended while this key was being read: a complete copy may hold more of its members. The job
+    # does not commit such a sample; the next attempt reads it again.
+    cut_by_end: bool = False
 
     @property
     def source_failed(self) -> bool:
@@ -474,10 +774,17 @@ class ShardReader:
     """Iterate a shard's samples in tar order, grouping consecutive members by key (webdataset-style).
 
     ``ShardReader(url)`` opens nothing; iteration opens the stream and raises ``ShardReadError`` if it
-    cannot. A shard that ends early (or holds a corrupt header) stops the iteration after the last sample
-    it could form; ``truncated`` is then True and ``error`` says why. The key being read when the shard
-    ended is still yielded if any of its members was seen, with ``read_error`` set: a member cut short is
-    dropped (its mp4 is None, never a partial file); an mp4 that is there was read completely.
+    cannot. ``storage`` says where s3:// shards live (else the AWS_* environment). A remote stream that
+    breaks is resumed at the byte already read (``read_retries`` attempts in a row without progress,
+    ``retry_backoff_s`` doubling): a resumed read yields exactly what an unbroken one does. A shard that
+    still ends early (or holds a corrupt header) stops the iteration after the last sample it could form;
+    ``truncated`` is then True and ``error`` says why. The key being read when the shard ended is still
+    yielded if any of its members was seen, with ``read_error`` set: a member cut short is dropped (its mp4
+    is None, never a partial file); an mp4 that is there was read completely.
+
+    After iteration, ``samples_read`` counts the samples yielded and ``incomplete`` is None only when the
+    whole tar was read to its end-of-archive block and gave at least one sample; otherwise it says why in
+    one line. A shard that is ``incomplete`` must not be marked done: what was read stays valid.
 
     Each key is yielded once. Members that belong to no sample (see ``member_skip_reason``) are skipped and
     counted in ``skipped`` by reason. A key that comes back after other keys (not contiguous) is a
@@ -485,20 +792,55 @@ class ShardReader:
     run, a repeated member (two ``.json``) keeps the last one, noted in ``read_error``.
     """
 
-    def __init__(self, url: str):
+    def __init__(
+        self,
+        url: str,
+        storage: StorageSpec | None = None,
+        read_retries: int = READ_RETRIES,
+        retry_backoff_s: float = RETRY_BACKOFF_S,
+    ):
         self.url = url
         self.shard = shard_name(url)
+        self.storage = storage
+        self.read_retries = read_retries
+        self.retry_backoff_s = retry_backoff_s
         self.truncated = False
         self.error: str | None = None
         self.skipped: Counter[str] = Counter()  # members skipped, by reason
+        self.samples_read = 0  # samples yielded
+        self.stream_retries = 0  # times a remote stream was reopened (see _ResumableStream)
+        self._finished = False  # the end-of-archive block was read
+        self._open_error: str | None = None
 
     @property
     def members_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    @property
+    def incomplete(self) -> str | None:
+        """None when the tar was read to its end-of-archive block and gave a sample; else why not."""
+        if self.error is not None:
+            return self.error
+        if self._open_error is not None:
+            return self._open_error
+        if not self._finished:
+            return "the shard was not read to its end"
+        if self.samples_read == 0:
+            if not self.skipped:
+                return "no usable sample: the tar has no members"
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
+            return f"no usable sample: {self.members_skipped} members skipped ({reasons})"
+        return None
+
     def __iter__(self) -> Iterator[Sample]:
         self.truncated, self.error, self.skipped = False, None, Counter()
-        stream = open_shard_stream(self.url)
+        self.samples_read, self.stream_retries, self._finished, self._open_error = 0, 0, False, None
+        try:
+            stream = open_shard_stream(self.url, self.storage, read_retries=self.read_retries,
+                                       retry_backoff_s=self.retry_backoff_s)
+        except ShardReadError as err:
+            self._open_error = str(err)
+            raise
         seen: set[bytes] = set()  # digests of the keys yielded: 16 bytes each, whatever the key length
         key: str | None = None
         duplicate = False
@@ -518,6 +860,7 @@ class ShardReader:
                     continue
                 if member_key != key:
                     if key is not None and not duplicate:
+                        self.samples_read += 1
                         yield build_sample(key, self.shard, members, "; ".join(problems) or None)
                     key, members, problems = member_key, {}, []
                     digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
@@ -543,11 +886,21 @@ class ShardReader:
                 self.truncated, self.error = True, end.args[0]
                 if key is not None:
                     note(f"shard truncated: {end.args[0]}")
-        except (OSError, http.client.HTTPException) as err:  # connection dropped mid-stream
+            else:
+                self._finished = True
+        except ShardStreamError as err:  # a remote stream that could not be resumed
+            self.truncated, self.error = True, str(err)
+            if key is not None:
+                note(f"shard truncated: {self.error}")
+        except (OSError, http.client.HTTPException) as err:  # a local read error
             self.truncated, self.error = True, f"reading the shard failed: {err}"
             if key is not None:
                 note(f"shard truncated: {self.error}")
         finally:
+            self.stream_retries = getattr(stream, "retries_done", 0)
             stream.close()
         if key is not None and not duplicate:
-            yield build_sample(key, self.shard, members, "; ".join(problems) or None)
+            self.samples_read += 1
+            sample = build_sample(key, self.shard, members, "; ".join(problems) or None)
+            sample.cut_by_end = self.truncated
+            yield sample

@@ -123,11 +123,14 @@ def test_kill_driver_then_rerun_skips_finished_shards(ray_cluster, tiny_checkpoi
 
 
 def test_unreadable_shard_fails_then_retry_failed_after_repair(tiny_checkpoint, shards, tmp_path):
-    """Embedded local Ray (no RAY_ADDRESS): the shard that cannot be read fails, the rest finish."""
+    """Embedded local Ray (no RAY_ADDRESS): a 0-byte shard (a cut download) is never `done`: it fails, the rest
+    finish, and --retry-failed runs it once the file is replaced. (A missing file is refused before any work:
+    tests/jobs/test_driver.py.)"""
     shard_dir, planted = shards
     out = tmp_path / "out"
     hidden = tmp_path / "00002.tar.away"
     shutil.move(shard_dir / "00002.tar", hidden)
+    (shard_dir / "00002.tar").write_bytes(b"")
     manifest = write_manifest(tmp_path / "job.yaml", shards=f"{shard_dir}/{{00000..00002}}.tar", output=out,
                               model=tiny_checkpoint, max_attempts=2)
     first = run_job([str(manifest)], base_env())
@@ -136,6 +139,7 @@ def test_unreadable_shard_fails_then_retry_failed_after_repair(tiny_checkpoint, 
     assert "failed shard 00002" in log and "--retry-failed" in log
     state = shard_state(out, "00002")
     assert state["state"] == "failed" and state["attempts"] == 2 and len(state["errors"]) == 2
+    assert "incomplete: shard is empty (0 bytes)" in state["errors"][-1]["reason"], state
     assert_exactly_once(out, planted, ["00000", "00001"])
     status = subprocess.run([sys.executable, "-m", "jobs.status", str(out), "--json"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)

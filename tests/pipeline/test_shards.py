@@ -174,6 +174,7 @@ def test_truncated_http_stream(shards_dir: Path, http_base: str, tmp_path: Path)
     finally:
         (shards_dir / "cut_http.tar").unlink()
     assert reader.truncated and samples and samples[-1].read_error
+    assert reader.incomplete == reader.error  # a short file served whole: the tar is cut, not the stream
 
 
 def _tar(members: list[tuple[str, bytes]]) -> bytes:

@@ -1,7 +1,7 @@
 """`recaption inspect OUT --html report.html`: a self-contained HTML contact sheet of a job's output.
 
 One card per sampled clip: four of its sixteen sampled frames, re-decoded from the shard named in
-OUT/_job.json, next to the key, the clip's span, both captions, the status, flags and error. The page
+OUT/_job.json, next to the key, the clip's span, both captions, the status, caption_flags and error. The page
 loads nothing from anywhere (thumbnails are JPEG data: URIs, the style is inline) and runs no script; its
 Content-Security-Policy forbids both, because captions are untrusted model output (they are also escaped).
 """
@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipeline.progress import JOB_FILE
+from pipeline.progress import JOB_FILE, read_shard_list
 from pipeline.shards import ShardReader, ShardReadError, expand_shard_spec, shard_name
 from pipeline.writing import STATUSES, OutputStore
 
@@ -34,7 +33,7 @@ THUMB_WIDTH = 160
 CSP_META = ('<meta http-equiv="Content-Security-Policy" '
             "content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">")
 CARD_COLUMNS = ["key", "shard", "video_id", "clip_start_s", "clip_end_s", "source_caption", "caption_en",
-                "caption_zh", "status", "error", "flags", "frame_indices", "width", "height"]
+                "caption_zh", "status", "error", "caption_flags", "frame_indices", "width", "height"]
 
 
 @dataclass
@@ -57,8 +56,7 @@ def data_files(store: OutputStore, shards: set[str] | None) -> dict[str, str]:
 
 
 def read_columns(store: OutputStore, path: str, columns: list[str]) -> list[dict[str, Any]]:
-    with store.fs.open_input_file(path) as f:
-        return pq.read_table(f, columns=columns).to_pylist()
+    return store.read_table(path, columns=columns).to_pylist()
 
 
 def sample_rows(candidates: list[tuple[str, str]], n: int, seed: int) -> list[tuple[str, str]]:
@@ -70,12 +68,15 @@ def sample_rows(candidates: list[tuple[str, str]], n: int, seed: int) -> list[tu
 
 
 def shard_urls(store: OutputStore) -> dict[str, str]:
-    """{shard name: URL} from the job record's manifest; empty when there is no usable record."""
+    """{shard name: URL}: the shard lists of the job record's manifest, updated by the latest run's list
+    (`_shards.json`, which includes shards added by reruns with other --shards)."""
     job = store.read_json(store.path(JOB_FILE)) or {}
     try:
-        return {shard_name(url): url for url in expand_shard_spec(job["manifest"]["shards"])}
+        urls = {shard_name(url): url for url in expand_shard_spec(job["manifest"]["shards"])}
     except (KeyError, TypeError):
-        return {}
+        urls = {}
+    urls.update(read_shard_list(store) or {})
+    return urls
 
 
 # ----------------------------------------------------------------------------------------------- frames
@@ -131,7 +132,7 @@ def fill_thumbnails(cards: list[Card], url: str | None) -> None:
         return
     if url is None:
         for card in wanted.values():
-            card.no_frames = "shard not readable: not listed in the job record (_job.json)"
+            card.no_frames = "shard not readable: not in any run's shard list (_job.json, _shards.json)"
         return
     samples = iter(ShardReader(url))
     try:
@@ -202,7 +203,7 @@ def render_card(card: Card) -> str:
         frames = f'<div class="thumbs">{figures}</div>'
     else:
         frames = f'<div class="placeholder">{_e(card.no_frames or f"no frames ({status})")}</div>'
-    flags = "".join(f' <span class="flag">{_e(flag)}</span>' for flag in row["flags"] or [])
+    flags = "".join(f' <span class="flag">{_e(flag)}</span>' for flag in row["caption_flags"] or [])
     fields = [("en", "caption-en", row["caption_en"], ' lang="en"'),
               ("zh", "caption-zh", row["caption_zh"], ' lang="zh"'),
               ("source", "source-caption", row["source_caption"], ""),

@@ -25,10 +25,18 @@ class ProgressReporter:
         self._last_log = self.t0
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self.bar = None
+        self._redirect = None
         if self.interactive:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total_shards, unit="shard", dynamic_ncols=True, file=sys.stderr)
+            # log lines go above the bar (tqdm.write), never glued to it
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
+        log.log(level, msg, *args)
 
     @property
     def clips(self) -> int:
@@ -68,8 +76,12 @@ class ProgressReporter:
             log.info("summary: %s", format_snapshot(s))
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def format_snapshot(s: dict[str, Any]) -> str:

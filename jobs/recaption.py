@@ -13,15 +13,20 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import signal
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from jobs.progress_report import ProgressReporter, format_snapshot
 from pipeline.dataset_card import write_dataset_card
+from pipeline.lease import LeaseHeld, acquire
 from pipeline.manifest import Manifest, ManifestError, load_manifest, resolve_paths
+from pipeline.model_identity import checkpoint_files
+from pipeline.preflight import SetupError, check_shards
 from pipeline.progress import (
     JOB_FILE,
     FingerprintMismatch,
@@ -29,14 +34,26 @@ from pipeline.progress import (
     job_identity,
     plan_shards,
     record_failure,
+    write_shard_list,
 )
-from pipeline.shards import ShardReadError, expand_shard_spec, shard_name
+from pipeline.shards import ShardReadError, expand_shard_spec
 from pipeline.writing import META_CONFIG, META_FINGERPRINT, OutputStore
 
 log = logging.getLogger("recaption")
 
-EXIT_OK, EXIT_FAILED_SHARDS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED_SHARDS, EXIT_USAGE = 0, 1, 2  # Ctrl-C: 130, SIGTERM: 143
 POLL_S = 2.0  # how often the driver asks running actors for their progress
+STOP_GRACE_S = 30.0  # after Ctrl-C / SIGTERM, how long running shards get to commit before their actors are killed
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="override the manifest's output directory or s3:// URI")
     p.add_argument("--model", help="override model.path: local directory of a PLLaVA checkpoint")
     p.add_argument("--retry-failed", action="store_true", help="rerun only the shards marked failed")
-    p.add_argument("--actors", type=int, help="override resources.actors")
+    p.add_argument("--actors", type=_positive_int, help="override resources.actors (>= 1)")
+    p.add_argument("--force", action="store_true",
+                   help="take over the output even if another driver's lease on it looks alive (only when you "
+                        "know that driver is gone: two drivers on one output caption everything twice)")
     p.add_argument("--log-every", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between summary log lines (default 60)")
     return p
@@ -54,13 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_overrides(m: Manifest, args: argparse.Namespace) -> Manifest:
     changes: dict[str, Any] = {}
-    if args.shards:
-        changes["shards"] = [s for s in args.shards.split(",") if s]
+    if args.shards is not None:
+        changes["shards"] = [s.strip() for s in args.shards.split(",") if s.strip()]
+        if not changes["shards"]:
+            raise ManifestError(f"--shards {args.shards!r} names no shard")
     if args.output:
         changes["output"] = args.output
     if args.model:
         changes["model"] = dataclasses.replace(m.model, path=args.model)
-    if args.actors:
+    if args.actors is not None:
         changes["resources"] = dataclasses.replace(m.resources, actors=args.actors)
     return m.replace(**changes) if changes else m
 
@@ -71,6 +93,24 @@ def prompt_version_of(m: Manifest) -> str:
     from pipeline.captioning import prompt_version_for
 
     return prompt_version_for(m, template_for_model_dir(m.model.path))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _AnsiStripper:
+    """A text stream that drops ANSI escape codes: Ray colours some of what it prints (the dashboard URL,
+    "[repeated Nx across cluster]") whatever the output is, and a log file should not get escape codes."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(_ANSI.sub("", text) if "\x1b" in text else text)
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def connect_ray() -> Any:
@@ -121,30 +161,113 @@ def prompt_texts(m: Manifest) -> dict[str, str]:
     return texts
 
 
-def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0) -> int:
-    store = OutputStore(m.output, m.storage)
-    ident = job_identity(m, prompt_version_of(m))
-    ensure_job(store, m, ident)
-    urls = expand_shard_spec(m.shards)
-    names = [shard_name(u) for u in urls]
-    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
-    if dupes:
-        raise ManifestError(f"{m.source}: shards {dupes[:5]} appear twice (or two shard URLs share a name)")
-    plan = plan_shards(store, list(zip(names, urls)), retry_failed)
-    log.info("code from %s", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    log.info("job %s: %d shards, %d done, %d to run, %d failed left alone (fingerprint %s, output %s)",
-             m.name, len(urls), len(plan.done), len(plan.to_run), len(plan.failed_skipped),
-             ident.fingerprint, m.output)
-    if not plan.to_run:
-        return _finish(store, names, plan.failed_skipped)
+class SetupFailure(RuntimeError):
+    """Raised inside the dispatch loop when actors cannot start: the job ends with exit 2."""
 
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: the first asks the dispatch loop to stop gracefully, a second one stops at once.
+
+    Before the loop starts (hashing weights, planning) there is nothing to wait for: the first signal
+    raises `Interrupted` right away.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.graceful = False
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+    def install(self) -> None:
+        """(Re)install the handlers: ray.init() replaces SIGTERM's with its own (a bare sys.exit)."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if first and self.graceful:
+            print(f"\n{signal.Signals(signum).name}: stopping; running shards commit what they have "
+                  f"(up to {STOP_GRACE_S:.0f}s; send it again to stop now)", file=sys.stderr, flush=True)
+            return
+        raise Interrupted(self.signum)
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0, force: bool = False,
+        stop: StopRequest | None = None) -> int:
+    stop = stop or StopRequest()
+    store = OutputStore(m.output, m.storage)
+    checkpoint_files(m.model.path)  # a bad model.path ends here, named, before anything reads the folder
+    ident = job_identity(m, prompt_version_of(m))
+    shards = check_shards(expand_shard_spec(m.shards), m.storage)
+    check_device_setting(m)
+    lease = acquire(store, force=force)
+    try:
+        lease.start_heartbeat()
+        ensure_job(store, m, ident)
+        write_shard_list(store, shards)
+        plan = plan_shards(store, shards, retry_failed)
+        log.info("code from %s", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        log.info("job %s: %d shards, %d done, %d to run, %d failed left alone (fingerprint %s, output %s)",
+                 m.name, len(shards), len(plan.done), len(plan.to_run), len(plan.failed_skipped),
+                 ident.fingerprint, m.output)
+        names = [name for name, _ in shards]
+        if not plan.to_run:
+            return _finish(store, names, plan.failed_skipped)
+        return _dispatch(m, store, ident, plan, names, lease, stop, log_every_s)
+    finally:
+        lease.release()
+
+
+def check_device_setting(m: Manifest) -> None:
+    device = m.model.device
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise SetupError(f"model.device is {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def check_cluster(m: Manifest, resources: dict[str, float]) -> None:
+    """A `cuda` job on a cluster without GPU resources fails here, before any actor loads the model."""
+    gpus = resources.get("GPU", 0.0)
+    if m.model.device.startswith("cuda") and gpus <= 0:
+        cpus = resources.get("CPU", 0.0)
+        raise SetupError(f"model.device is {m.model.device!r} but the Ray cluster has no GPUs "
+                         f"(CPU={cpus:g}, GPU=0); use model.device: auto (CPU when there is no GPU) or add GPU nodes")
+    if m.model.device.startswith("cuda") and m.resources.num_gpus_per_actor <= 0:
+        raise SetupError("model.device is cuda but resources.num_gpus_per_actor is 0: Ray would give the actors "
+                         "no GPU")
+
+
+def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: list[str], lease: Any,
+              stop: StopRequest, log_every_s: float) -> int:
     ray = connect_ray()
+    stop.install()
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
     from jobs.actor import ShardCaptioner
     from jobs.metrics import record_shard_failure
 
-    n_actors, num_gpus, num_cpus = actor_count(m, ray.cluster_resources(), len(plan.to_run))
+    resources = ray.cluster_resources()
+    check_cluster(m, resources)
+    n_actors, num_gpus, num_cpus = actor_count(m, resources, len(plan.to_run))
     log.info("starting %d ShardCaptioner actors (num_gpus=%s, num_cpus=%s each)", n_actors, num_gpus, num_cpus)
     file_metadata = {
         META_CONFIG: json.dumps({"manifest": m.to_dict(), "fingerprint_parts": ident.parts}).encode(),
@@ -157,11 +280,16 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0) -> i
     actor_cls = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0,
                                        **({"runtime_env": {"env_vars": storage_env}} if storage_env else {}))
 
-    def new_actor() -> Any:
-        return actor_cls.remote(m, file_metadata)
+    starting: dict[Any, Any] = {}  # ready() ref -> actor still loading the model
+
+    def new_actor() -> None:
+        actor = actor_cls.remote(m, file_metadata)
+        starting[actor.ready.remote()] = actor
 
     queue = deque(Task(name, url, 1) for name, url in plan.to_run)
-    idle = [new_actor() for _ in range(n_actors)]
+    for _ in range(n_actors):
+        new_actor()
+    idle: list[Any] = []
     running: dict[Any, tuple[Any, Task]] = {}
     started: dict[Any, float] = {}
     # The actor enforces shard_timeout_s between samples; a shard stuck inside a read or a decode that never
@@ -169,56 +297,100 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0) -> i
     watchdog_s = 1.5 * m.shard_timeout_s + 60
     stalled: set[Any] = set()
     failed: list[str] = list(plan.failed_skipped)
+    interrupted: list[str] = []
     progress = ProgressReporter(len(plan.to_run), log_every_s=log_every_s)
-
-    while queue or running:
-        while queue and idle:
-            task = queue.popleft()
-            actor = idle.pop()
-            ref = actor.process_shard.remote(task.url, task.shard, task.attempt)
-            running[ref] = (actor, task)
-            started[ref] = time.monotonic()
-            log.info("shard %s start (attempt %d): %s", task.shard, task.attempt, task.url)
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
-        if not ready:
-            progress.in_flight(_rows_in_flight(ray, [a for a, _ in running.values()]))
-            for busy_ref, (busy_actor, busy_task) in running.items():
-                if busy_ref not in stalled and time.monotonic() - started[busy_ref] > watchdog_s:
-                    log.error("shard %s stalled past %.0fs; killing its actor", busy_task.shard, watchdog_s)
-                    stalled.add(busy_ref)
-                    ray.kill(busy_actor, no_restart=True)
-            continue
-        ref = ready[0]
-        actor, task = running.pop(ref)
-        started.pop(ref)
-        try:
-            outcome = ray.get(ref)
-        except (RayActorError, ActorDiedError) as e:
-            reason = (f"stalled past the {watchdog_s:.0f}s watchdog; actor killed" if ref in stalled
-                      else f"actor died: {_first_line(e)}")
-            ray.kill(actor, no_restart=True)
-            idle.append(new_actor())
-            record_shard_failure()
-            if _retry_or_fail(store, task, reason, m.max_attempts, queue, failed):
-                progress.shard_failed()
-            continue
-        except RayTaskError as e:
-            reason = _first_line(e.cause if getattr(e, "cause", None) else e)
+    stopping_since: float | None = None
+    stop.graceful = True
+    try:
+        while True:
+            if stopping_since is None and (stop.requested or lease.lost.is_set()):
+                stopping_since = time.monotonic()
+                if lease.lost.is_set() and not stop.requested:
+                    log.error("another driver took over %s (%s); stopping", m.output, lease.lost_to)
+                for actor, _ in running.values():
+                    actor.stop.remote()
+            if stopping_since is None:
+                while queue and idle:
+                    task = queue.popleft()
+                    actor = idle.pop()
+                    ref = actor.process_shard.remote(task.url, task.shard, task.attempt)
+                    running[ref] = (actor, task)
+                    started[ref] = time.monotonic()
+                    progress.log("shard %s start (attempt %d): %s", task.shard, task.attempt, task.url)
+            if not running and (stopping_since is not None or not queue):
+                break
+            ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=POLL_S)
+            if not ready:
+                progress.in_flight(_rows_in_flight(ray, [a for a, _ in running.values()]))
+                now = time.monotonic()
+                for busy_ref, (busy_actor, busy_task) in running.items():
+                    if busy_ref not in stalled and now - started[busy_ref] > watchdog_s:
+                        log.error("shard %s stalled past %.0fs; killing its actor", busy_task.shard, watchdog_s)
+                        stalled.add(busy_ref)
+                        ray.kill(busy_actor, no_restart=True)
+                if stopping_since is not None and now - stopping_since > STOP_GRACE_S:
+                    for busy_ref, (busy_actor, busy_task) in list(running.items()):
+                        ray.kill(busy_actor, no_restart=True)
+                        interrupted.append(busy_task.shard)
+                        running.pop(busy_ref)
+                continue
+            ref = ready[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except (RayActorError, ActorDiedError) as e:
+                    info = {"error": f"the actor died while starting: {_first_line(e)}"}
+                if info.get("error"):
+                    raise SetupFailure(f"an actor could not load the model ({m.model.path}): {info['error']}")
+                idle.append(actor)
+                continue
+            actor, task = running.pop(ref)
+            started.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except (RayActorError, ActorDiedError) as e:
+                ray.kill(actor, no_restart=True)
+                if stopping_since is not None:
+                    interrupted.append(task.shard)
+                    continue
+                reason = (f"stalled past the {watchdog_s:.0f}s watchdog; actor killed" if ref in stalled
+                          else f"actor died: {_first_line(e)}")
+                new_actor()
+                record_shard_failure()
+                if _retry_or_fail(store, task, reason, m.max_attempts, queue, failed, progress):
+                    progress.shard_failed()
+                continue
+            except RayTaskError as e:
+                cause = e.cause if getattr(e, "cause", None) else e
+                idle.append(actor)
+                if type(cause).__name__ == "ShardInterrupted":
+                    interrupted.append(task.shard)
+                    progress.log("shard %s stopped: %s", task.shard, _first_line(cause))
+                    continue
+                if _retry_or_fail(store, task, _first_line(cause), m.max_attempts, queue, failed, progress):
+                    progress.shard_failed()
+                continue
             idle.append(actor)
-            if _retry_or_fail(store, task, reason, m.max_attempts, queue, failed):
-                progress.shard_failed()
-            continue
-        idle.append(actor)
-        progress.shard_finished(outcome["rows_new"])
-        rate = outcome["rows_new"] / outcome["seconds"] if outcome["seconds"] else 0.0
-        log.info("shard %s done (attempt %d): %s; %d new rows in %.1fs (%.2f clips/s), decode wait %.1fs, "
-                 "model %.1fs%s", task.shard, task.attempt, _fmt(outcome["counts"]), outcome["rows_new"],
-                 outcome["seconds"], rate, outcome["wait_decode_s"], outcome["model_s"],
-                 f", TRUNCATED: {outcome['truncated']}" if outcome["truncated"] else "")
-    progress.close()
+            progress.shard_finished(outcome["rows_new"])
+            rate = outcome["rows_new"] / outcome["seconds"] if outcome["seconds"] else 0.0
+            progress.log("shard %s done (attempt %d): %s; %d new rows in %.1fs (%.2f clips/s), decode wait "
+                         "%.1fs, model %.1fs", task.shard, task.attempt, _fmt(outcome["counts"]),
+                         outcome["rows_new"], outcome["seconds"], rate, outcome["wait_decode_s"],
+                         outcome["model_s"])
+    finally:
+        stop.graceful = False
+        progress.close()
+        for actor in [*idle, *(a for a, _ in running.values()), *starting.values()]:
+            ray.kill(actor, no_restart=True)
     log.info("this run: %s", format_snapshot(progress.snapshot()))
-    for actor in idle:
-        ray.kill(actor, no_restart=True)
+    unfinished = len(queue) + len(interrupted)
+    if stopping_since is not None and unfinished:
+        print(f"interrupted: {unfinished} shards unfinished; rerun the same command to resume", file=sys.stderr,
+              flush=True)
+        if lease.lost.is_set() and not stop.requested:
+            return EXIT_USAGE
+        return stop.exit_code
     write_dataset_card(store, store.read_json(store.path(JOB_FILE)), prompt_texts(m))
     return _finish(store, names, failed)
 
@@ -237,15 +409,16 @@ def _rows_in_flight(ray: Any, actors: list[Any]) -> int:
 
 
 def _retry_or_fail(store: OutputStore, task: Task, reason: str, max_attempts: int, queue: deque,
-                   failed: list[str]) -> bool:
+                   failed: list[str], progress: ProgressReporter) -> bool:
     """Requeue the shard, or mark it failed after max_attempts; True when it is final."""
     final = task.attempt >= max_attempts
     record_failure(store, task.shard, task.url, task.attempt, reason, final=final)
     if final:
-        log.error("shard %s FAILED after %d attempts: %s", task.shard, task.attempt, reason)
+        progress.log("shard %s FAILED after %d attempts: %s", task.shard, task.attempt, reason, level=logging.ERROR)
         failed.append(task.shard)
     else:
-        log.warning("shard %s attempt %d failed (%s); requeued", task.shard, task.attempt, reason)
+        progress.log("shard %s attempt %d failed (%s); requeued", task.shard, task.attempt, reason,
+                     level=logging.WARNING)
         queue.append(Task(task.shard, task.url, task.attempt + 1))
     return final
 
@@ -275,15 +448,35 @@ def _fmt(counts: dict[str, int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = build_parser().parse_args(argv)
+    stop = StopRequest()
+    stop.install()
     try:
         m = resolve_paths(apply_overrides(load_manifest(args.manifest), args), os.getcwd())
-        return run(m, retry_failed=args.retry_failed, log_every_s=args.log_every)
-    except (ManifestError, FingerprintMismatch, ShardReadError, OSError) as e:
-        # bad manifest, different job in OUT, missing model dir, unreachable output store: no traceback
+        return run(m, retry_failed=args.retry_failed, log_every_s=args.log_every, force=args.force, stop=stop)
+    except Interrupted as e:
+        print(f"interrupted ({e}) before any shard ran; nothing to resume", file=sys.stderr)
+        return 128 + e.signum
+    except (ManifestError, FingerprintMismatch, ShardReadError, SetupError, SetupFailure, LeaseHeld,
+            OSError, ValueError) as e:
+        # bad manifest or model path, different job in OUT, output held by another driver, missing device,
+        # unreachable store: one line, no traceback (ValueError covers ModelPathError and CheckpointError)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        stop.restore()
+
+
+def configure_logging() -> None:
+    if not sys.stdout.isatty() and not isinstance(sys.stdout, _AnsiStripper):
+        sys.stdout = _AnsiStripper(sys.stdout)
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray colours its worker-log prefixes otherwise
+    if not sys.stderr.isatty() and not isinstance(sys.stderr, _AnsiStripper):
+        sys.stderr = _AnsiStripper(sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ray 2.60 warns on every start that token authentication is on; the README says it is.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -9,47 +9,74 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import Counter
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.progress import JOB_FILE, read_state, shard_status
+from pipeline.lease import lease_alive, read_lease
+from pipeline.progress import JOB_FILE, read_shard_list, read_state, shard_status
 from pipeline.shards import expand_shard_spec, shard_name
 from pipeline.writing import OutputStore
 
+SHOWN_STATES = ("done", "running", "interrupted", "failed", "pending")
+
+
+def listed_shards(store: OutputStore) -> tuple[list[str], list[str]]:
+    """(shards of the latest run's list, other shards with files under OUT but not in that list).
+
+    The list is `_shards.json`, written by each run; outputs written before it existed fall back to the
+    job record's shard spec.
+    """
+    listed = read_shard_list(store)
+    if listed is None:
+        job = store.read_json(store.path(JOB_FILE))
+        try:
+            listed = {shard_name(u): u for u in expand_shard_spec(job["manifest"]["shards"])} if job else {}
+        except Exception:  # the job record is a summary; fall back to what is on disk
+            listed = {}
+    on_disk: set[str] = set()
+    for path in store.list_files(store.path("data"), ".parquet"):
+        on_disk.add(path.rsplit("/", 1)[1][: -len(".parquet")])
+    for path in store.list_files(store.path("_progress"), ".json"):
+        on_disk.add(path.rsplit("/", 1)[1][: -len(".json")])
+    return sorted(listed), sorted(on_disk - set(listed))
+
 
 def known_shards(store: OutputStore) -> list[str]:
-    """Shards named by the job record, plus any with a data or state file."""
-    names: set[str] = set()
-    job = store.read_json(store.path(JOB_FILE))
-    if job:
-        try:
-            names.update(shard_name(u) for u in expand_shard_spec(job["manifest"]["shards"]))
-        except Exception:  # the job record is a summary; fall back to what is on disk
-            pass
-    for path in store.list_files(store.path("data"), ".parquet"):
-        names.add(path.rsplit("/", 1)[1][: -len(".parquet")])
-    for path in store.list_files(store.path("_progress"), ".json"):
-        names.add(path.rsplit("/", 1)[1][: -len(".json")])
-    return sorted(names)
+    """Every shard the output knows of: the latest list and any other with a data or state file."""
+    listed, others = listed_shards(store)
+    return sorted({*listed, *others})
 
 
 def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[str, Any]:
-    names = known_shards(store) if names is None else names
+    if names is None:
+        names, others = listed_shards(store)
+    else:
+        others = []
+    lease = read_lease(store)
+    driver_alive = lease_alive(lease)
     shards: dict[str, dict[str, Any]] = {}
     rows: Counter = Counter()
     by_state: Counter = Counter()
+    records: dict[str, dict[str, Any]] = {}
     for name in names:
         state = shard_status(store, name)
         record = read_state(store, name) or {}
+        records[name] = record
+        if state == "running" and not driver_alive:
+            state = "interrupted"  # its driver is gone: a rerun resumes it after its committed chunks
         info: dict[str, Any] = {"state": state, "attempts": record.get("attempts", 0)}
         if state == "done":
             counts = _data_counts(store, name)
+        else:
+            counts = _chunk_counts(store, name)  # committed rows of a shard in progress, failed or interrupted
+        if counts:
             rows.update(counts)
             info["rows"] = counts
-            if record.get("truncated"):
-                info["truncated"] = record["truncated"]
+        if record.get("truncated"):
+            info["truncated"] = record["truncated"]
         errors = record.get("errors") or []
         if errors:
             info["last_error"] = errors[-1]["reason"]
@@ -58,35 +85,56 @@ def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[s
         by_state[state] += 1
     job = store.read_json(store.path(JOB_FILE)) or {}
     return {
-        "throughput": _throughput(store, names, by_state),
+        "throughput": _throughput(records, shards, by_state),
         "output": store.uri,
         "fingerprint": job.get("fingerprint"),
+        "driver": ({k: lease.get(k) for k in ("host", "pid", "since", "heartbeat_at")} if driver_alive else None),
         "shards_by_state": dict(by_state),
         "rows_by_status": dict(rows),
         "shards": shards,
         "failed": {n: i.get("last_error") for n, i in shards.items() if i["state"] == "failed"},
+        "not_in_latest_list": others,
     }
 
 
-def _throughput(store: OutputStore, names: list[str], by_state: Counter) -> dict[str, Any] | None:
-    """Clips/s and ETA from the progress files: rows of finished shards over the window they ran in."""
-    starts, ends, rows, finished = [], [], 0, 0
-    for name in names:
-        record = read_state(store, name) or {}
-        if record.get("started_at"):
-            starts.append(record["started_at"])
-        if record.get("state") == "done" and record.get("updated_at"):
-            ends.append(record["updated_at"])
-            rows += sum((record.get("rows") or {}).values())
-            finished += 1
-    if not finished or not starts:
+def _active_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of the intervals: time when at least one shard was being worked on."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def _throughput(records: dict[str, dict[str, Any]], shards: dict[str, dict[str, Any]],
+                by_state: Counter) -> dict[str, Any] | None:
+    """Clips/s and ETA over active time only (idle time between runs does not count), from the state records:
+    each attempt's span is [started_at, last update]; rows are those of done shards plus committed rows of
+    shards in progress."""
+    intervals: list[tuple[float, float]] = []
+    rows, finished = 0, 0
+    for name, record in records.items():
+        for span in record.get("intervals") or []:
+            if len(span) == 2 and span[1] >= span[0]:
+                intervals.append((float(span[0]), float(span[1])))
+        if record.get("started_at") and record.get("updated_at"):
+            end = record.get("finished_at") or record["updated_at"]
+            intervals.append((float(record["started_at"]), max(float(end), float(record["started_at"]))))
+        rows += sum((shards[name].get("rows") or {}).values())
+        finished += shards[name]["state"] == "done"
+    active = _active_seconds(intervals)
+    if not finished or active <= 0:
         return None
-    window = max(max(ends) - min(starts), 1e-9)
-    remaining = by_state.get("running", 0) + by_state.get("pending", 0)
+    remaining = sum(by_state.get(s, 0) for s in ("running", "interrupted", "pending"))
     return {
-        "clips_per_s": rows / window,
-        "shards_per_hour": finished / window * 3600,
-        "eta_s": window / finished * remaining if remaining else 0.0,
+        "clips_per_s": rows / active,
+        "shards_per_hour": finished / active * 3600,
+        "active_s": active,
+        "eta_s": active / finished * remaining if remaining else 0.0,
     }
 
 
@@ -96,15 +144,31 @@ def _data_counts(store: OutputStore, name: str) -> dict[str, int]:
     return dict(Counter(table.column("status").to_pylist()))
 
 
+def _chunk_counts(store: OutputStore, name: str) -> dict[str, int]:
+    counts: Counter = Counter()
+    for path in store.chunk_paths(name):
+        try:
+            with store.fs.open_input_file(path) as f:
+                counts.update(pq.read_table(f, columns=["status"]).column("status").to_pylist())
+        except (FileNotFoundError, OSError):  # merged away by a finalizer meanwhile, or being written
+            continue
+    return dict(counts)
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"output: {report['output']}  fingerprint: {report['fingerprint']}"]
-    lines.append("shards: " + ", ".join(f"{s}={report['shards_by_state'].get(s, 0)}"
-                                        for s in ("done", "running", "failed", "pending")))
+    driver = report.get("driver")
+    if driver:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(driver["since"] or 0))
+        lines.append(f"driver: running on host {driver['host']}, pid {driver['pid']}, since {since}")
+    else:
+        lines.append("driver: none running")
+    lines.append("shards: " + ", ".join(f"{s}={report['shards_by_state'].get(s, 0)}" for s in SHOWN_STATES))
     lines.append("rows:   " + (", ".join(f"{k}={v}" for k, v in sorted(report["rows_by_status"].items())) or "none"))
     tp = report.get("throughput")
     if tp:
-        lines.append(f"rate:   {tp['clips_per_s']:.2f} clips/s, {tp['shards_per_hour']:.1f} shards/hour; "
-                     f"ETA {tp['eta_s']:.0f}s for the shards not done")
+        lines.append(f"rate:   {tp['clips_per_s']:.2f} clips/s, {tp['shards_per_hour']:.1f} shards/hour over "
+                     f"{tp['active_s']:.0f}s of active time; ETA {tp['eta_s']:.0f}s for the shards not done")
     for name, info in report["shards"].items():
         extra = ""
         if info.get("rows"):
@@ -113,7 +177,13 @@ def format_report(report: dict[str, Any]) -> str:
             extra += f" TRUNCATED ({info['truncated']})"
         if info["state"] == "failed":
             extra += f" attempts={info['attempts']} reason: {info.get('last_error')}"
-        lines.append(f"  {name:<20} {info['state']:<8}{extra}")
+        elif info.get("last_error"):
+            extra += f" (last attempt failed: {info['last_error']})"
+        lines.append(f"  {name:<20} {info['state']:<11}{extra}")
+    others = report.get("not_in_latest_list") or []
+    if others:
+        shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
+        lines.append(f"not in the latest run's shard list (kept, not counted above): {shown}")
     return "\n".join(lines)
 
 

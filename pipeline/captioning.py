@@ -141,7 +141,7 @@ class Captioner:
                 s.tokens_zh += n_tokens
                 flags |= set(detect_flags(row["caption_zh"], language="zh", prompt_texts=self._echo_texts_zh,
                                           hit_max_new_tokens=hit_max))
-            row["flags"] = sorted(flags)
+            row["caption_flags"] = sorted(flags)
             row["status"] = "flagged" if flags else "ok"
             rows.append(row)
         return rows
@@ -199,7 +199,7 @@ def base_row(sample: Sample, clip: DecodedClip | DecodeFailure | None, ctx: Any,
         "caption_zh": None,
         "status": status,
         "error": error,
-        "flags": [],
+        "caption_flags": [],
         "frame_indices": list(decoded.frame_indices) if decoded else None,
         "num_frames": decoded.num_frames if decoded else None,
         "fps": decoded.fps if decoded else None,

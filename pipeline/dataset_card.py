@@ -7,7 +7,6 @@ from collections import Counter
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from pipeline.writing import SCHEMA, OutputStore
@@ -27,10 +26,9 @@ def collect_counts(store: OutputStore) -> tuple[Counter, Counter, int]:
     flags: Counter = Counter()
     files = store.list_files(store.path("data"), ".parquet")
     for path in files:
-        with store.fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["status", "flags"])
+        table = store.read_table(path, columns=["status", "caption_flags"])
         statuses.update(table.column("status").to_pylist())
-        for row_flags in table.column("flags").to_pylist():
+        for row_flags in table.column("caption_flags").to_pylist():
             flags.update(row_flags or [])
     return statuses, flags, len(files)
 

@@ -2,7 +2,7 @@
 
 Known failure modes of PLLaVA-style generation (DESIGN §4–§5): an empty answer, an answer that echoes
 the prompt or the chat template (wrong template or LoRA α), a greedy loop that repeats a phrase until
-`max_new_tokens`, and a caption in the wrong language. A row keeps its caption; its `flags` say why it
+`max_new_tokens`, and a caption in the wrong language. A row keeps its caption; its `caption_flags` say why it
 should not be trusted, and downstream training decides what to drop.
 
 Text is measured in "tokens" that work for both languages: a run of letters/digits is one token

@@ -376,13 +376,21 @@ def _seconds(t: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("outdir")
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--clips-per-shard", type=int, default=6)
-    parser.add_argument("--failed", type=int, default=0, help="failed source videos per shard")
-    parser.add_argument("--corrupt", type=int, default=0, help="corrupt mp4s per shard")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] + " Also writes OUTDIR/_planted.json: {shard: {key: planted status}}.")
+    parser.add_argument("outdir", metavar="OUTDIR", help="folder to write the shards into (created)")
+    parser.add_argument("--shards", type=int, default=2,
+                        help="number of shards, named 00000, 00001, ... (default: %(default)s)")
+    parser.add_argument("--clips-per-shard", type=int, default=6,
+                        help="good clips (real H.264) per shard (default: %(default)s)")
+    parser.add_argument("--failed", type=int, default=0,
+                        help="failed source videos per shard: a .json + .txt without mp4, planted "
+                             "source_failed (default: %(default)s)")
+    parser.add_argument("--corrupt", type=int, default=0,
+                        help="clips with a broken mp4 per shard, planted decode_error (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the layout, order and videos; the same seed gives the same shards "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     planted = write_synthetic_shards(args.outdir, args.shards, args.clips_per_shard, args.failed,
                                      args.corrupt, args.seed)

@@ -19,7 +19,6 @@ import json
 import os
 import uuid
 from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -27,10 +26,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.manifest import StorageSpec
-from pipeline.shards import s3_filesystem
+from pipeline.shards import s3_endpoint, s3_filesystem
 
 STATUSES = ("ok", "flagged", "source_failed", "decode_error", "error")
-FLAGS = ("empty", "echo", "repetition", "wrong_language", "truncated")
 
 SCHEMA = pa.schema(
     [
@@ -45,7 +43,7 @@ SCHEMA = pa.schema(
         ("caption_zh", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
-        ("flags", pa.list_(pa.string())),
+        ("caption_flags", pa.list_(pa.string())),
         ("frame_indices", pa.list_(pa.int32())),
         ("num_frames", pa.int32()),
         ("fps", pa.float64()),
@@ -60,9 +58,20 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+FLAGS_COLUMN = "caption_flags"
+OLD_FLAGS_COLUMN = "flags"  # its former name: chunks and data files written with it are read renamed
 
 META_CONFIG = b"pllava_recaption.config"
 META_FINGERPRINT = b"pllava_recaption.fingerprint"
+
+
+def s3_client(storage: StorageSpec | None = None) -> Any:
+    """A boto3 S3 client with the same endpoint and region rules as `shards.s3_filesystem`, for the one
+    operation pyarrow lacks: conditional creates (the output's lease). Credentials: boto3's own chain."""
+    import boto3
+
+    endpoint, region = s3_endpoint(storage)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -87,6 +96,7 @@ class OutputStore:
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(root)
         self.uri = root
+        self.storage = storage
         self.is_local = self.fs.type_name == "local"
 
     # paths -------------------------------------------------------------------------------------
@@ -134,6 +144,46 @@ class OutputStore:
         with open(tmp, "rb+") as f:  # durable before it becomes visible
             os.fsync(f.fileno())
         self.fs.move(tmp, f"{parent}/{name}")
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create `path` holding `data` only if it does not exist; False when it already does.
+
+        Local: a hard link of a complete temp file (atomic, fails on an existing name). S3: a PUT with
+        `If-None-Match: *` (boto3: pyarrow has no conditional writes). Other stores: check, then write.
+        """
+        parent, name = path.rsplit("/", 1)
+        if self.is_local:
+            self.fs.create_dir(parent, recursive=True)
+            tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+        if self.fs.type_name == "s3":
+            from botocore.exceptions import ClientError
+
+            bucket, _, key = path.partition("/")
+            try:
+                s3_client(self.storage).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+        if self.exists(path):
+            return False
+        self.write_atomic(path, data)
+        return True
 
     def read_bytes(self, path: str) -> bytes | None:
         try:
@@ -216,9 +266,26 @@ class OutputStore:
         if self.chunk_paths(shard):
             self.delete_dir(self.chunk_dir(shard))
 
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """A data or chunk file in today's column names (a file from before the `flags` rename too)."""
+        return self._read_table(path, columns)
+
     def _read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open_input_file(path) as f:
+            names = pq.read_schema(f).names
+            if OLD_FLAGS_COLUMN in names and FLAGS_COLUMN not in names:
+                # a file written before the rename (resuming an old unfinished output): read `flags`,
+                # hand it back as `caption_flags`
+                return _read_renamed(f, columns)
             return pq.read_table(f, columns=columns, schema=None if columns else SCHEMA)
+
+
+def _read_renamed(f: Any, columns: list[str] | None) -> pa.Table:
+    wanted = list(columns or COLUMNS)
+    read = [OLD_FLAGS_COLUMN if c == FLAGS_COLUMN else c for c in wanted]
+    table = pq.read_table(f, columns=read)
+    table = table.rename_columns([FLAGS_COLUMN if c == OLD_FLAGS_COLUMN else c for c in table.column_names])
+    return table.select(wanted) if columns else table.select(list(COLUMNS)).cast(SCHEMA)
 
 
 def dedupe_by_key(table: pa.Table) -> pa.Table:
@@ -237,7 +304,3 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
-
-
-def status_counts(rows: Iterable[dict[str, Any]]) -> Counter:
-    return Counter(r["status"] for r in rows)

@@ -414,7 +414,7 @@ class CrashingFS:
 def _rows(shard: str, n: int) -> list[dict]:
     from pipeline.writing import COLUMNS
 
-    return [{**dict.fromkeys(COLUMNS), "key": f"{shard}{i:04d}", "shard": shard, "status": "ok", "flags": [],
+    return [{**dict.fromkeys(COLUMNS), "key": f"{shard}{i:04d}", "shard": shard, "status": "ok", "caption_flags": [],
              "frame_indices": []} for i in range(n)]
 
 

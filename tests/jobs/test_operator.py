@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ def job_output(ray_cluster, tiny_checkpoint, shard_source, tmp_path_factory):
     src, planted = shard_source
     tmp = tmp_path_factory.mktemp("operator")
     shutil.copytree(src, tmp / "shards")
-    (tmp / "shards/00002.tar").unlink()
+    (tmp / "shards/00002.tar").write_bytes(b"")  # a cut download: never `done`, fails with the reason
     out = tmp / "out"
     manifest = write_manifest(tmp / "job.yaml", shards=f"{tmp}/shards/{{00000..00002}}.tar", output=out,
                               model=tiny_checkpoint, max_attempts=1)
@@ -40,7 +41,8 @@ def test_cli_help_names_every_flag():
     top = subprocess.run([recaption, "--help"], capture_output=True, text=True, timeout=60)
     assert top.returncode == 0
     expected = {
-        "run": ["MANIFEST", "--shards", "--output", "--model", "--retry-failed", "--actors", "--log-every"],
+        "run": ["MANIFEST", "--shards", "--output", "--model", "--retry-failed", "--actors", "--log-every",
+                "--force"],
         "status": ["--json"],
         "inspect": ["--html", "--sample", "--status"],
         "make-tiny-checkpoint": ["--seed", "--family", "--merged"],
@@ -57,6 +59,44 @@ def test_cli_help_names_every_flag():
     assert bad.returncode == 2 and "unknown subcommand" in bad.stderr
 
 
+def _help_entries(help_text: str) -> dict[str, str]:
+    """{invocation: help} of each argument listed by argparse's --help (an entry's help may wrap or start
+    on the line after a long invocation)."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in help_text.splitlines():
+        if re.match(r"^\S.*:$", line):  # "positional arguments:", "options:"
+            current = None
+        elif re.match(r"^  \S", line):
+            invocation, _, text = line.strip().partition("  ")
+            current = invocation
+            entries[current] = text.strip()
+        elif current is not None and line.startswith("    ") and line.strip():
+            entries[current] = f"{entries[current]} {line.strip()}".strip()
+    return entries
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("model.tiny", ["--seed", "--family", "--merged", "--merge-alpha"]),
+    ("pipeline.synthetic", ["--shards", "--clips-per-shard", "--failed", "--corrupt", "--seed"]),
+])
+def test_builder_help_describes_every_flag(module, flags):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, "COLUMNS": "100"})
+    assert proc.returncode == 0, proc.stderr
+    usage, _, rest = proc.stdout.partition("\n\n")
+    assert usage.startswith("usage:")
+    description = rest.split("\n\n", 1)[0]
+    assert description.strip() and not description.endswith(":"), f"{module} --help has no description"
+    entries = _help_entries(proc.stdout)
+    assert "OUTDIR" in entries and entries["OUTDIR"], f"{module} --help does not describe OUTDIR"
+    options = {inv.split()[0].rstrip(","): text for inv, text in entries.items() if inv.startswith("-")}
+    assert set(options) == {"-h", *flags}, f"{module} flags changed: update this test"
+    for flag in flags:
+        assert options[flag], f"{module} --help: {flag} has no help text"
+        assert "(default: " in options[flag], f"{module} --help: {flag} does not give its default"
+
+
 def test_cli_make_commands_produce_artefacts(tmp_path):
     recaption = str(VENV_BIN / "recaption")
     subprocess.run([recaption, "make-tiny-checkpoint", str(tmp_path / "ckpt"), "--seed", "3"], check=True,
@@ -70,9 +110,12 @@ def test_cli_make_commands_produce_artefacts(tmp_path):
 def test_logs_per_shard_and_summary_lines(job_output):
     out, _, proc = job_output
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 1  # the missing shard failed
+    assert proc.returncode == 1  # the empty shard failed
     assert re.search(r"shard 00000 done \(attempt 1\): .*new rows in .* clips/s", log)
     assert re.search(r"shard 00000 start \(attempt 1\)", log)
+    # one line per shard start and finish (the actors do not repeat them), and no colour codes in a log file
+    assert len(re.findall(r"shard 00000 start", log)) == 1 and len(re.findall(r"shard 00000 done", log)) == 1
+    assert "\x1b[" not in log and "Token authentication is enabled" not in log
     assert re.search(r"summary: shards \d+ done / \d+ failed / 3 total; \d+ clips", log)
     assert "failed shard 00002" in log
 
@@ -129,7 +172,7 @@ def test_status_eta_while_running(tmp_path):
 
     store = OutputStore(str(tmp_path))
     now = time.time()
-    store.commit_chunk("a", [_row("k1")], attempt=1)
+    store.commit_chunk("a", [_row(f"k{i}") for i in range(50)], attempt=1)
     store.finalize_shard("a", {})
     write_state(store, "a", state="done", started_at=now - 100, rows={"ok": 50})
     write_state(store, "b", state="running", started_at=now - 10)
@@ -143,7 +186,7 @@ def test_status_eta_while_running(tmp_path):
 def _row(key: str) -> dict:
     from pipeline.writing import COLUMNS
 
-    return {**{c: None for c in COLUMNS}, "key": key, "status": "ok", "flags": []}
+    return {**{c: None for c in COLUMNS}, "key": key, "status": "ok", "caption_flags": []}
 
 
 def test_dataset_card_describes_the_job(job_output):
@@ -176,4 +219,6 @@ def test_readme_loading_snippets_run_against_a_real_output(job_output, ray_clust
         assert proc.returncode == 0, f"snippet failed:\n{code}\n{proc.stderr[-3000:]}"
         if "load_dataset(\"parquet\"" in code:
             assert f"num_rows: {rows}" in proc.stdout
+        if "dtype_backend" in code:  # the nullable-int snippet keeps tokens_en an int column
+            assert "int32[pyarrow]" in proc.stdout or "Int32" in proc.stdout, proc.stdout
     assert all(names.values()), names

@@ -145,7 +145,7 @@ def data_versions(s3: S3, bucket: str, prefix: str) -> dict[str, tuple[str, obje
 
 def row(key: str, shard: str, status: str, caption: str | None = None) -> dict:
     return {**dict.fromkeys(COLUMNS), "key": key, "shard": shard, "status": status, "caption_en": caption,
-            "flags": [], "frame_indices": []}
+            "caption_flags": [], "frame_indices": []}
 
 
 # ------------------------------------------------------------------------------------- without Ray
@@ -361,3 +361,23 @@ def test_credentials_are_written_and_logged_nowhere(s3, finished_run):
         if key.endswith(".parquet"):  # values and metadata inside compressed pages, too
             table = pq.read_table(io.BytesIO(data))
             assert_no_credentials(repr(table.schema.metadata) + repr(table.to_pylist()), key)
+
+
+def test_one_driver_per_s3_output_by_conditional_create(s3, s3_process_env):
+    """The lease on an s3:// output is created with If-None-Match: a second driver is refused, and a
+    conditional create of an existing object fails on the store itself (not by a check-then-write)."""
+    from pipeline.lease import LEASE_FILE, LeaseHeld, acquire, read_lease
+
+    store = OutputStore("s3://unit/leased")
+    assert store.create_exclusive(store.path("_probe.json"), b"1")
+    assert not store.create_exclusive(store.path("_probe.json"), b"2")
+    assert s3.client.get_object(Bucket="unit", Key="leased/_probe.json")["Body"].read() == b"1"
+    lease = acquire(store)
+    try:
+        with pytest.raises(LeaseHeld, match=r"in use by another driver: host .*, pid \d+"):
+            acquire(OutputStore("s3://unit/leased"))
+        assert read_lease(store)["token"] == lease.token
+    finally:
+        lease.release()
+    assert "leased/" + LEASE_FILE not in s3.objects("unit", "leased/")
+    acquire(store).release()

@@ -10,7 +10,7 @@ from pipeline.writing import COLUMNS, SCHEMA, OutputStore, rows_to_table
 
 def row(key: str, status: str = "ok", caption: str = "a cat") -> dict:
     r = {c: None for c in COLUMNS}
-    r.update(key=key, shard="00000", status=status, caption_en=caption, flags=[], frame_indices=[0, 1],
+    r.update(key=key, shard="00000", status=status, caption_en=caption, caption_flags=[], frame_indices=[0, 1],
              num_frames=2, model="tiny", lora_alpha=4.0, prompt_version="v1")
     return r
 
@@ -46,6 +46,26 @@ def test_finalize_keeps_first_committed_row_of_a_key(tmp_path):
     store.finalize_shard("s", {})
     table = pq.read_table(tmp_path / "data/s.parquet")
     assert table.num_rows == 1
+
+
+def test_a_chunk_with_the_old_flags_column_is_merged_as_caption_flags(tmp_path):
+    """Resuming an output begun before the `flags` -> `caption_flags` rename: its chunks still merge."""
+    store = OutputStore(str(tmp_path))
+    old = rows_to_table([{**row("a"), "caption_flags": ["echo", "truncated"]}, row("b")])
+    old = old.rename_columns(["flags" if c == "caption_flags" else c for c in old.column_names])
+    (tmp_path / "_progress/s").mkdir(parents=True)
+    pq.write_table(old, tmp_path / "_progress/s/chunk-001-old.parquet")
+    store.commit_chunk("s", [{**row("c"), "caption_flags": ["empty"]}], attempt=2)
+    assert store.committed_keys("s") == {"a", "b", "c"}
+    assert store.read_table(store.chunk_paths("s")[0], columns=["key", "caption_flags"]).column_names == [
+        "key", "caption_flags"]
+    assert store.finalize_shard("s", {}) == {"ok": 3}
+    table = pq.read_table(tmp_path / "data/s.parquet")
+    assert table.schema.remove_metadata().equals(SCHEMA)
+    assert "flags" not in table.column_names
+    flags = dict(zip(table.column("key").to_pylist(), table.column("caption_flags").to_pylist()))
+    assert flags == {"a": ["echo", "truncated"], "b": [], "c": ["empty"]}
+    assert table.column("caption_en").to_pylist() == ["a cat"] * 3  # the other columns come through too
 
 
 def test_fingerprint_mismatch_is_refused_with_what_differs(tmp_path):

@@ -1,0 +1,85 @@
+"""Checks the driver makes before any actor starts: a setup mistake fails once, fast, with one line.
+
+Shards: globs in local paths are expanded (sorted) and refused when they match nothing; globs in URLs are
+refused (no listing of remote stores here: use a brace range); a missing local shard or a directory is
+refused; the first remote shard must answer. Two shards may not share a name (they would share an output
+file).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import urllib.parse
+import urllib.request
+from collections import Counter
+
+from pipeline.manifest import StorageSpec
+from pipeline.shards import ShardReadError, open_shard_stream, shard_name
+
+_GLOB_CHARS = ("*", "?", "[")
+_SHOW = 5
+
+
+class SetupError(RuntimeError):
+    """The job cannot run as configured; the message is one line naming the field or flag to fix."""
+
+
+def _local_path(url: str) -> str | None:
+    scheme = urllib.parse.urlsplit(url).scheme if "://" in url else ""
+    if scheme == "":
+        return url
+    if scheme == "file":
+        return urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+    return None
+
+
+def _shown(items: list[str]) -> str:
+    more = f" and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+    return ", ".join(items[:_SHOW]) + more
+
+
+def check_shards(urls: list[str], storage: StorageSpec | None = None) -> list[tuple[str, str]]:
+    """(name, url) of each shard after glob expansion; raises SetupError for the mistakes above."""
+    if not urls:
+        raise SetupError("shards: the shard list is empty")
+    expanded: list[str] = []
+    for url in urls:
+        path = _local_path(url)
+        # In a URL only `*` in the path counts: `?` starts a (presigned) query and `[` an IPv6 host.
+        is_glob = any(c in path for c in _GLOB_CHARS) if path is not None else "*" in urllib.parse.urlsplit(url).path
+        if not is_glob:
+            expanded.append(url)
+        elif path is None:
+            raise SetupError(f"shards: {url!r} is a glob; remote shards cannot be listed here, name them with a "
+                             f"brace range such as s3://bucket/shards/{{00000..09999}}.tar")
+        else:
+            matches = sorted(glob.glob(path))
+            if not matches:
+                raise SetupError(f"shards: the glob {url!r} matches no file; check the path, or name the shards "
+                                 f"with a brace range such as shards/{{00000..00099}}.tar")
+            expanded.extend(matches)
+    missing, directories, remote = [], [], []
+    for url in expanded:
+        path = _local_path(url)
+        if path is None:
+            remote.append(url)
+        elif os.path.isdir(path):
+            directories.append(url)
+        elif not os.path.isfile(path):
+            missing.append(url)
+    if directories:
+        raise SetupError(f"shards: {_shown(directories)} is a directory; name the .tar files in it "
+                         f"(e.g. {directories[0].rstrip('/')}/{{00000..00099}}.tar)")
+    if missing:
+        raise SetupError(f"shards: {len(missing)} of {len(expanded)} local shards do not exist: {_shown(missing)}")
+    if remote:
+        try:
+            open_shard_stream(remote[0], storage).close()
+        except ShardReadError as e:
+            raise SetupError(f"shards: the first remote shard does not answer: {e}") from None
+    names = [shard_name(u) for u in expanded]
+    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dupes:
+        raise SetupError(f"shards: {_shown(dupes)} appear twice (or two shard URLs share a name)")
+    return list(zip(names, expanded))

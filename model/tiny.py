@@ -334,14 +334,21 @@ def build_tiny_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("outdir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--family", choices=["vicuna", "chatml"], default="vicuna")
-    parser.add_argument(
-        "--merged", action="store_true", help="write the plain merged layout (LoRA folded in)"
-    )
-    parser.add_argument("--merge-alpha", type=float, default=4.0, help="alpha used by --merged")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Prints the checkpoint's path.")
+    parser.add_argument("outdir", type=Path, metavar="OUTDIR",
+                        help="folder to write the checkpoint into (created; existing files are overwritten)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random weights; the same seed gives byte-identical files "
+                             "(default: %(default)s)")
+    parser.add_argument("--family", choices=["vicuna", "chatml"], default="vicuna",
+                        help="tokenizer and chat format: vicuna (</s> ends a turn) or chatml (<|im_start|> / "
+                             "<|im_end|> tokens) (default: %(default)s)")
+    parser.add_argument("--merged", action="store_true",
+                        help="write the plain merged layout (language_model.model.*, LoRA folded in) instead "
+                             "of the released PEFT layout with the LoRA unmerged (default: off)")
+    parser.add_argument("--merge-alpha", type=float, default=4.0,
+                        help="LoRA alpha folded into the weights by --merged, W = W0 + (alpha/r)*B@A; "
+                             "ignored without --merged (default: %(default)s)")
     args = parser.parse_args(argv)
     path = build_tiny_checkpoint(
         args.outdir, seed=args.seed, family=args.family, merged=args.merged, merge_alpha=args.merge_alpha

@@ -54,7 +54,12 @@ class PromptSpec:
 class GenerationSpec:
     max_new_tokens: int = 400
     repetition_penalty: float | None = None
-    batch_size: int = 8
+    batch_size: int = 8  # clips per CLIP encoding batch (and per batch of the static fallback path)
+    # Continuous batching (pipeline/scheduler.py): KV-cache slots of the engine. None: on CUDA as many as fit
+    # in free memory after the weights (at most 128), on a CPU 8. Neither changes captions (not fingerprinted).
+    slots: int | None = None
+    sync_every: int = 4  # decode steps between host synchronisations
+    cuda_graphs: bool = True  # decode step under CUDA graphs on CUDA (false: eager); ignored on a CPU
 
 
 @dataclass(frozen=True)
@@ -120,43 +125,27 @@ class Manifest:
         return d
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently).
-
-    Before constructing, each mapping node is given its dotted field name, so the error can name it."""
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._field_of: dict[int, str] = {}
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        self._name_nodes(node, "")
-        return super().construct_document(node)
-
-    def _name_nodes(self, node: yaml.Node, prefix: str) -> None:
-        if id(node) in self._field_of:  # an alias: named where it was first seen
-            return
-        self._field_of[id(node)] = prefix
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
-                self._name_nodes(value_node, f"{prefix}.{key}" if prefix else str(key))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self._name_nodes(item, f"{prefix}[{i}]")
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
+def _check_duplicate_keys(node: yaml.Node | None, prefix: str = "", seen_nodes: set[int] | None = None) -> None:
+    """Refuse a key given twice in one mapping (plain YAML keeps the last one silently). Works on the composed
+    node tree (`yaml.compose` builds nodes, never objects), so the data itself still comes from safe_load."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if node is None or id(node) in seen_nodes:  # an alias: checked where it was first seen
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                 continue  # `<<` merges may be overridden by explicit keys; complex keys fail elsewhere
-            key = self.construct_object(key_node)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                prefix = self._field_of.get(id(node), "")
-                raise _DuplicateKey(f"{prefix}.{key}" if prefix else str(key), line, seen[key])
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+            key, line = key_node.value, key_node.start_mark.line + 1
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key in first:
+                raise _DuplicateKey(name, line, first[key])
+            first[key] = line
+            _check_duplicate_keys(value_node, name, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{prefix}[{i}]", seen_nodes)
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -174,7 +163,8 @@ def load_manifest(path: str | Path) -> Manifest:
     except UnicodeDecodeError:
         raise ManifestError(f"{path}: manifest is not UTF-8 text") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no tags that build Python objects
+        _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = yaml.safe_load(text)
     except _DuplicateKey as e:
         raise ManifestError(f"{path}: {e}") from None
     except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an integer over Python's 4300-digit limit
@@ -301,6 +291,7 @@ def _check_values(m: Manifest, source: str) -> None:
     positive = [
         ("generation.max_new_tokens", m.generation.max_new_tokens),
         ("generation.batch_size", m.generation.batch_size),
+        ("generation.sync_every", m.generation.sync_every),
         ("zh.max_new_tokens", m.zh.max_new_tokens),
         ("decode.workers", m.decode.workers),
         ("decode.max_ahead", m.decode.max_ahead),
@@ -311,6 +302,8 @@ def _check_values(m: Manifest, source: str) -> None:
     ]
     if m.resources.actors is not None:
         positive.append(("resources.actors", m.resources.actors))
+    if m.generation.slots is not None:
+        positive.append(("generation.slots", m.generation.slots))
     for name, value in positive:
         if value <= 0:
             raise bad(name, f"must be > 0, got {value}")

@@ -88,6 +88,15 @@ def ray_cluster(tmp_path_factory):
            "--node-ip-address", "127.0.0.1", "--port", str(gcs_port), "--metrics-export-port", str(metrics_port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    # The job agent can come up after `ray start` returns (seen on a loaded 2-core machine: "No available agent
+    # to submit job"): wait until the job API answers, as an operator would before submitting.
+    deadline = time.time() + 120
+    while True:
+        probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{dash_port}"],
+                               env=env, capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0 or time.time() > deadline:
+            break
+        time.sleep(1)
     cluster = {
         "env": env,
         "gcs": f"127.0.0.1:{gcs_port}",

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -36,7 +37,11 @@ def test_ray_job_submit_demo_manifest(ray_cluster, tiny_checkpoint, shards, tmp_
         "--", "python", "-m", "jobs.recaption", "manifests/demo.yaml",
         "--shards", f"{shard_dir}/{{00000..00001}}.tar", "--output", str(out), "--model", str(tiny_checkpoint),
     ]
-    proc = subprocess.run(submit, cwd=REPO, env=ray_cluster["env"], capture_output=True, text=True, timeout=600)
+    for _ in range(10):  # a freshly started head's job agent may not be registered yet on a loaded machine
+        proc = subprocess.run(submit, cwd=REPO, env=ray_cluster["env"], capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(3)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", log)

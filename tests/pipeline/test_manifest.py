@@ -68,6 +68,9 @@ def test_fingerprint_tracks_what_changes_captions_only():
     same = manifest_from_dict({**MINIMAL, "output": "elsewhere", "generation": {"batch_size": 32},
                                "resources": {"actors": 7}, "shards": "other.tar"})
     assert fingerprint(same, "tiny@abc", "v1")[0] == base
+    # the engine's slot count, sync rhythm and CUDA graphs do not change captions: an output resumes with others
+    engine = manifest_from_dict({**MINIMAL, "generation": {"slots": 64, "sync_every": 8, "cuda_graphs": False}})
+    assert fingerprint(engine, "tiny@abc", "v1")[0] == base
     for changed in [
         manifest_from_dict({**MINIMAL, "model": {"path": "ckpt", "lora_alpha": 8}}),
         manifest_from_dict({**MINIMAL, "generation": {"max_new_tokens": 100}}),

@@ -1,4 +1,9 @@
-"""ShardCaptioner: a Ray actor that loads PLLaVA once and captions one shard at a time."""
+"""ShardCaptioner: a Ray actor that loads PLLaVA once and captions the shards the driver hands it.
+
+The driver keeps SHARDS_IN_FLIGHT shards on each actor: they share one continuous-batching engine
+(pipeline/scheduler.py), so the next shard's clips enter the engine while the last clips of the current one
+are still generating. Each shard still commits and finalizes on its own.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +18,17 @@ import ray
 
 from pipeline.manifest import Manifest
 
+SHARDS_IN_FLIGHT = 2
 
-# max_concurrency=2: `progress()` answers while `process_shard` runs (the driver sends one shard at a time).
-@ray.remote(max_concurrency=2)
+
+# process_shard for each shard in flight, plus progress() and stop() while they run
+@ray.remote(max_concurrency=SHARDS_IN_FLIGHT + 2)
 class ShardCaptioner:
     def __init__(self, m: Manifest, file_metadata: dict[bytes, bytes]):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.log = logging.getLogger("recaption.actor")
         self._lock = threading.Lock()
-        self._current: dict[str, Any] = {}
+        self._current: dict[str, dict[str, Any]] = {}  # shard -> {"rows", "started"}
         self._stop = threading.Event()
         # A setup error (model cannot load, device missing) is kept and reported by ready(), so the driver
         # ends the job with that reason once instead of charging it to shard after shard.
@@ -29,11 +36,13 @@ class ShardCaptioner:
         try:
             from pipeline.captioning import Captioner
             from pipeline.decode import DecodePool
+            from pipeline.scheduler import CaptionService
             from pipeline.writing import OutputStore
 
             self.manifest = m
             self.file_metadata = file_metadata
             self.captioner = Captioner(m)
+            self.service = CaptionService(self.captioner)
             self.store = OutputStore(m.output, m.storage)
             self.decode_pool = DecodePool(workers=m.decode.workers, max_ahead=m.decode.max_ahead,
                                           mode=m.decode.mode, timeout_s=m.decode.timeout_s)
@@ -41,8 +50,9 @@ class ShardCaptioner:
             self.init_error = f"{type(e).__name__}: {_one_line(e)}"
             self.log.error("ShardCaptioner could not start: %s", self.init_error)
             return
-        self.log.info("ShardCaptioner ready on pid %d, device %s, model %s (alpha %s)", os.getpid(),
-                      self.captioner.device, self.captioner.model_name, self.captioner.lora_alpha)
+        self.log.info("ShardCaptioner ready on pid %d, device %s, model %s (alpha %s); engine %d slots x %d "
+                      "tokens; peak memory %s", os.getpid(), self.captioner.device, self.captioner.model_name,
+                      self.captioner.lora_alpha, self.service.num_slots, self.service.max_len, _peak_memory())
 
     def ready(self) -> dict[str, Any]:
         """{"error": reason} when the actor could not set up, else facts about it."""
@@ -61,7 +71,7 @@ class ShardCaptioner:
         if self.init_error:
             raise RuntimeError(f"actor could not start: {self.init_error}")
         with self._lock:
-            self._current = {"shard": shard, "rows": 0, "started": time.time()}
+            self._current[shard] = {"rows": 0, "started": time.time()}
         seen = {"wait": 0.0, "model": 0.0}
 
         def on_commit(rows: list[dict[str, Any]], outcome: Any) -> None:
@@ -69,26 +79,26 @@ class ShardCaptioner:
             record_times(outcome.wait_decode_s - seen["wait"], outcome.model_s - seen["model"])
             seen["wait"], seen["model"] = outcome.wait_decode_s, outcome.model_s
             with self._lock:
-                self._current["rows"] += len(rows)
+                self._current[shard]["rows"] += len(rows)
 
         try:
             outcome = run_shard(url, shard, store=self.store, captioner=self.captioner,
                                 decode_pool=self.decode_pool, attempt=attempt, file_metadata=self.file_metadata,
-                                on_commit=on_commit, should_stop=self._stop.is_set)
+                                on_commit=on_commit, should_stop=self._stop.is_set, service=self.service)
         except Exception as e:
             if not isinstance(e, ShardInterrupted):
                 record_shard_failure()
             raise
         finally:
             with self._lock:
-                self._current = {}
+                self._current.pop(shard, None)
         record_times(outcome.wait_decode_s - seen["wait"], outcome.model_s - seen["model"])
         return dataclasses.asdict(outcome)  # the driver logs the shard's start and finish
 
     def progress(self) -> dict[str, Any]:
-        """The shard in hand and the rows committed for it so far (empty when idle)."""
+        """The shards in hand and the rows committed for them so far."""
         with self._lock:
-            return dict(self._current)
+            return {"shards": sorted(self._current), "rows": sum(c["rows"] for c in self._current.values())}
 
     def pid(self) -> int:
         return os.getpid()
@@ -97,3 +107,13 @@ class ShardCaptioner:
 def _one_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return (lines[0] if lines else type(e).__name__)[:500]
+
+
+def _peak_memory() -> str:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on the GPU"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"

@@ -262,7 +262,7 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
     stop.install()
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
-    from jobs.actor import ShardCaptioner
+    from jobs.actor import SHARDS_IN_FLIGHT, ShardCaptioner
     from jobs.metrics import record_shard_failure
 
     resources = ray.cluster_resources()
@@ -289,7 +289,8 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
     queue = deque(Task(name, url, 1) for name, url in plan.to_run)
     for _ in range(n_actors):
         new_actor()
-    idle: list[Any] = []
+    idle: list[Any] = []  # one entry per free shard place (an actor holds SHARDS_IN_FLIGHT)
+    dead: set[Any] = set()  # actors already replaced (their other shard's failure must not replace them twice)
     running: dict[Any, tuple[Any, Task]] = {}
     started: dict[Any, float] = {}
     # The actor enforces shard_timeout_s between samples; a shard stuck inside a read or a decode that never
@@ -321,7 +322,7 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
                 break
             ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=POLL_S)
             if not ready:
-                progress.in_flight(_rows_in_flight(ray, [a for a, _ in running.values()]))
+                progress.in_flight(_rows_in_flight(ray, list({id(a): a for a, _ in running.values()}.values())))
                 now = time.monotonic()
                 for busy_ref, (busy_actor, busy_task) in running.items():
                     if busy_ref not in stalled and now - started[busy_ref] > watchdog_s:
@@ -343,7 +344,7 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
                     info = {"error": f"the actor died while starting: {_first_line(e)}"}
                 if info.get("error"):
                     raise SetupFailure(f"an actor could not load the model ({m.model.path}): {info['error']}")
-                idle.append(actor)
+                idle.extend([actor] * SHARDS_IN_FLIGHT)
                 continue
             actor, task = running.pop(ref)
             started.pop(ref)
@@ -351,12 +352,15 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
                 outcome = ray.get(ref)
             except (RayActorError, ActorDiedError) as e:
                 ray.kill(actor, no_restart=True)
+                idle[:] = [a for a in idle if a is not actor]
                 if stopping_since is not None:
                     interrupted.append(task.shard)
                     continue
                 reason = (f"stalled past the {watchdog_s:.0f}s watchdog; actor killed" if ref in stalled
                           else f"actor died: {_first_line(e)}")
-                new_actor()
+                if not any(actor is d for d in dead):
+                    dead.add(actor)
+                    new_actor()
                 record_shard_failure()
                 if _retry_or_fail(store, task, reason, m.max_attempts, queue, failed, progress):
                     progress.shard_failed()
@@ -381,7 +385,8 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
     finally:
         stop.graceful = False
         progress.close()
-        for actor in [*idle, *(a for a, _ in running.values()), *starting.values()]:
+        everyone = [*idle, *(a for a, _ in running.values()), *starting.values()]
+        for actor in {id(a): a for a in everyone}.values():
             ray.kill(actor, no_restart=True)
     log.info("this run: %s", format_snapshot(progress.snapshot()))
     unfinished = len(queue) + len(interrupted)

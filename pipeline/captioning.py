@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.generation import generate_captions, generate_text
+from model.generation import Generation, generate_captions, generate_text
 from model.loading import load_pllava
 from pipeline.chinese import normalize_zh
 from pipeline.frames import DecodedClip, DecodeFailure, normalize_frames
@@ -105,12 +105,8 @@ class Captioner:
     def _caption(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
         m = self.manifest
         t0 = time.perf_counter()
-        frames = torch.from_numpy(np.stack([clip.frames for _, clip in items]))  # (B, T, 336, 336, 3) uint8
-        if self.device != "cpu":
-            frames = frames.pin_memory().to(self.device, non_blocking=True)
+        features = self.encode(items)  # (B, N_vis, D)
         with torch.inference_mode():
-            pixels = normalize_frames(frames)  # (B, T, 3, 336, 336) float32 on the model's device
-            features = self.loaded.model.encode_videos(pixels)  # (B, N_vis, D)
             t1 = time.perf_counter()
             en = generate_captions(self.loaded, [self.prompt_en] * len(items), features,
                                    max_new_tokens=m.generation.max_new_tokens,
@@ -125,26 +121,43 @@ class Captioner:
         s.seconds_vision += t1 - t0
         s.seconds_en += t2 - t1
         s.seconds_zh += t3 - t2
-        rows = []
-        for i, (sample, clip) in enumerate(items):
-            g_en = en[i]
-            flags = set(detect_flags(g_en.text, language="en", prompt_texts=self._echo_texts,
-                                     hit_max_new_tokens=g_en.hit_max_new_tokens))
-            row = base_row(sample, clip, self, status="ok")
-            row["caption_en"] = g_en.text
-            row["tokens_en"] = g_en.num_tokens
-            s.tokens_en += g_en.num_tokens
-            if zh is not None:
-                text, n_tokens, hit_max = zh[i]
-                row["caption_zh"] = normalize_zh(text, m.zh.variant)
-                row["tokens_zh"] = n_tokens
-                s.tokens_zh += n_tokens
-                flags |= set(detect_flags(row["caption_zh"], language="zh", prompt_texts=self._echo_texts_zh,
-                                          hit_max_new_tokens=hit_max))
-            row["caption_flags"] = sorted(flags)
-            row["status"] = "flagged" if flags else "ok"
-            rows.append(row)
-        return rows
+        return [self.build_row(sample, clip, en[i], zh[i] if zh is not None else None)
+                for i, (sample, clip) in enumerate(items)]
+
+    def build_row(self, sample: Sample, clip: DecodedClip, g_en: Generation,
+                  zh: tuple[str, int, bool] | None) -> dict[str, Any]:
+        """The captioned row: English generation, Chinese (text, tokens, hit max_new_tokens), quality flags."""
+        s = self.stats
+        flags = set(detect_flags(g_en.text, language="en", prompt_texts=self._echo_texts,
+                                 hit_max_new_tokens=g_en.hit_max_new_tokens))
+        row = base_row(sample, clip, self, status="ok")
+        row["caption_en"] = g_en.text
+        row["tokens_en"] = g_en.num_tokens
+        s.tokens_en += g_en.num_tokens
+        if zh is not None:
+            text, n_tokens, hit_max = zh
+            row["caption_zh"] = normalize_zh(text, self.manifest.zh.variant)
+            row["tokens_zh"] = n_tokens
+            s.tokens_zh += n_tokens
+            flags |= set(detect_flags(row["caption_zh"], language="zh", prompt_texts=self._echo_texts_zh,
+                                      hit_max_new_tokens=hit_max))
+        row["caption_flags"] = sorted(flags)
+        row["status"] = "flagged" if flags else "ok"
+        return row
+
+    def encode(self, items: list[tuple[Sample, DecodedClip]]) -> torch.Tensor:
+        """Visual features (B, N, D) of decoded clips: uint8 frames normalised on the model's device, CLIP,
+        projector, pooling."""
+        frames = torch.from_numpy(np.stack([clip.frames for _, clip in items]))  # (B, T, 336, 336, 3) uint8
+        if self.device != "cpu":
+            frames = frames.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            return self.loaded.model.encode_videos(normalize_frames(frames))
+
+    def translate_prompt(self, caption_en: str) -> str:
+        """The text-only prompt of the `translate` pass for one English caption."""
+        return self.loaded.template.format(self.zh_translate_question.replace("{caption}", caption_en),
+                                           with_image=False)
 
     def _chinese(self, features: torch.Tensor, captions_en: list[str]) -> list[tuple[str, int, bool]]:
         m = self.manifest
@@ -159,9 +172,7 @@ class Captioner:
                                             batch_size=len(captions_en))
             return [(t.text, t.num_tokens, t.hit_max_new_tokens) for t in out]
         # translate: a text-only pass of the same LLM over the English caption (no visual tokens).
-        template = self.loaded.template
-        prompts = [template.format(self.zh_translate_question.replace("{caption}", c), with_image=False)
-                   for c in captions_en]
+        prompts = [self.translate_prompt(c) for c in captions_en]
         results: list[tuple[str, int, bool]] = [("", 0, False)] * len(captions_en)
         todo = [i for i, c in enumerate(captions_en) if c.strip()]
         if todo:

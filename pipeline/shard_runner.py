@@ -18,8 +18,9 @@ from typing import Any
 
 from pipeline.captioning import Captioner, base_row
 from pipeline.decode import DecodePool
-from pipeline.frames import DecodedClip, DecodeFailure
+from pipeline.frames import DecodeFailure
 from pipeline.progress import mark_done, mark_running, touch_running
+from pipeline.scheduler import CaptionService
 from pipeline.shards import Sample, ShardReader
 from pipeline.writing import OutputStore
 
@@ -65,6 +66,7 @@ def run_shard(
     file_metadata: dict[bytes, bytes],
     on_commit: Callable[[list[dict[str, Any]], ShardOutcome], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    service: CaptionService | None = None,
 ) -> ShardOutcome:
     m = captioner.manifest
     t_start = time.perf_counter()
@@ -89,14 +91,15 @@ def run_shard(
             seen.add(sample.key)
             yield sample
 
+    service = service or default_service(captioner)
+    ticket = service.open(shard)
+    model_s_at_start = service.stats.model_s
     pending: list[dict[str, Any]] = []
-    batch: list[tuple[Sample, DecodedClip]] = []
 
-    def flush_batch() -> None:
-        t = time.perf_counter()
-        pending.extend(captioner.caption_batch(batch))
-        out.model_s += time.perf_counter() - t
-        batch.clear()
+    def collect() -> None:
+        pending.extend(ticket.take())
+        if len(pending) >= m.chunk_size:
+            commit()
 
     def commit() -> None:
         if pending:
@@ -108,7 +111,19 @@ def run_shard(
                 on_commit(list(pending), out)
             pending.clear()
 
-    def _route(item: tuple[Sample, Any]) -> None:
+    def check_limits() -> None:
+        service.raise_if_failed()
+        if time.monotonic() > deadline:
+            collect()
+            commit()
+            raise ShardTimeout(f"shard {shard} ran past its {m.shard_timeout_s:g} s limit "
+                               f"({out.rows_new} new rows committed; the next attempt resumes after them)")
+        if should_stop is not None and should_stop():
+            collect()
+            commit()  # rows captioned so far; clips still in the engine are redone by the rerun
+            raise ShardInterrupted(f"shard {shard} stopped on request ({out.rows_new} new rows committed)")
+
+    def route(item: tuple[Sample, Any]) -> None:
         sample, decoded = item
         if decoded is None and sample.source_failed:
             reason = sample.source_error or f"source video {sample.source_status}"
@@ -119,40 +134,47 @@ def run_shard(
         elif isinstance(decoded, DecodeFailure):
             pending.append(base_row(sample, None, captioner, status="decode_error", error=decoded.reason))
         else:
-            batch.append((sample, decoded))
-            if len(batch) >= m.generation.batch_size:
-                flush_batch()
-        if len(pending) >= m.chunk_size:
-            commit()
+            while not service.submit(ticket, sample, decoded, timeout=0.2):  # the engine is full: wait
+                check_limits()
+                collect()
 
-    results = _Prefetcher(decode_pool.imap(fresh_samples()))
     try:
-        while True:
-            if time.monotonic() > deadline:
-                flush_batch()
-                commit()
-                raise ShardTimeout(f"shard {shard} ran past its {m.shard_timeout_s:g} s limit "
-                                   f"({out.rows_new} new rows committed; the next attempt resumes after them)")
-            if should_stop is not None and should_stop():
-                commit()  # rows captioned so far; the clips of the open batch are redone on the rerun
-                raise ShardInterrupted(f"shard {shard} stopped on request ({out.rows_new} new rows committed)")
-            item = results.poll()
-            if item is _NOT_READY and batch:
-                # Decoding is behind: caption the partial batch now rather than leave the model idle
-                # (results do not depend on batch composition: batch-1 == batch-N is tested in model/).
-                flush_batch()
-                continue
-            if item is _NOT_READY:
-                t_wait = time.perf_counter()
-                item = results.get()
-                out.wait_decode_s += time.perf_counter() - t_wait
-            if item is _END:
-                break
-            _route(item)
-    finally:
-        results.close()
-    flush_batch()
+        # One shard reads and decodes at a time (the decode pool is the actor's); the next shard's reading
+        # starts as soon as this one's last clip is in the engine, while its captions are still generating.
+        while not service.reading.acquire(timeout=0.2):
+            check_limits()
+            collect()
+        try:
+            results = _Prefetcher(decode_pool.imap(fresh_samples()))
+            try:
+                while True:
+                    check_limits()
+                    collect()
+                    item = results.poll()
+                    if item is _NOT_READY:
+                        t_wait = time.perf_counter()
+                        item = results.get(timeout=0.2)
+                        if ticket.outstanding == 0:  # the model side had nothing of this shard to work on
+                            out.wait_decode_s += time.perf_counter() - t_wait
+                        if item is _NOT_READY:
+                            continue
+                    if item is _END:
+                        break
+                    route(item)
+            finally:
+                results.close()
+        finally:
+            service.reading.release()
+        while ticket.outstanding:  # the shard's last clips are generating; the next shard is reading
+            check_limits()
+            ticket.wait(timeout=0.5)
+            collect()
+    except BaseException:
+        ticket.cancel()
+        raise
+    collect()
     commit()
+    out.model_s = service.stats.model_s - model_s_at_start  # the engine's busy time (shared with a neighbour)
     if reader.members_skipped:
         log.warning("shard %s: %d tar members skipped (%s)", shard, reader.members_skipped,
                     ", ".join(f"{k}: {v}" for k, v in sorted(reader.skipped.items())))
@@ -168,6 +190,15 @@ def run_shard(
 
 _NOT_READY = object()
 _END = object()
+
+
+def default_service(captioner: Captioner) -> CaptionService:
+    """The captioner's one engine service, shared by every shard run with it (made on first use)."""
+    service = getattr(captioner, "_service", None)
+    if service is None:
+        service = CaptionService(captioner)
+        captioner._service = service
+    return service
 
 
 class _Prefetcher:
@@ -213,8 +244,11 @@ class _Prefetcher:
         except queue.Empty:
             return _NOT_READY
 
-    def get(self) -> Any:
-        return self._unwrap(self._queue.get())
+    def get(self, timeout: float | None = None) -> Any:
+        try:
+            return self._unwrap(self._queue.get(timeout=timeout))
+        except queue.Empty:
+            return _NOT_READY
 
     def close(self) -> None:
         """Stop and wait for the thread, so the decode pool is free for the next shard."""

@@ -1,0 +1,324 @@
+"""One continuous-batching engine fed by every shard an actor holds: English and Chinese in one scheduler.
+
+`CaptionService` owns a `model.engine.CaptionEngine` and a model thread. Shard runners `open()` a `Ticket`,
+`submit()` decoded clips to it and take finished rows from it as they complete (not in input order). On the
+model thread each clip goes: CLIP (in batches of `generation.batch_size`) → its English request → as soon as
+that finishes, its Chinese request (translate: text-only prompt over the English caption; direct: a second
+visual request over the same features) into the same engine; `mt` captions are translated in small batches
+by the seq2seq model as English captions complete. Because tickets share the engine, the next shard's clips
+are admitted while the last clips of the current one are still generating: no drain at shard ends.
+
+Captions are those of the batch-1 loop (the engine's tests prove token identity). A failure inside the
+engine never takes a shard down: the clips in flight are captioned again one by one by the static path
+(`Captioner.caption_batch`), which isolates a bad clip into an `error` row.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model.engine import CaptionEngine, Request, slots_for_memory
+from pipeline.captioning import Captioner
+from pipeline.frames import DecodedClip
+from pipeline.shards import Sample
+
+log = logging.getLogger(__name__)
+
+CPU_SLOTS = 8  # on a CPU more slots only queue behind the same cores
+MAX_CUDA_SLOTS = 128
+
+
+class Ticket:
+    """One shard's clips in the service: rows come back through `take()`; `cancel()` drops what is left."""
+
+    def __init__(self, service: CaptionService, name: str):
+        self.service, self.name = service, name
+        self.outstanding = 0  # submitted, row not yet taken by the service's caller
+        self.cancelled = False
+        self._rows: deque[dict[str, Any]] = deque()
+
+    def take(self) -> list[dict[str, Any]]:
+        with self.service._cv:
+            rows = list(self._rows)
+            self._rows.clear()
+            return rows
+
+    def wait(self, timeout: float) -> None:
+        """Until a row is ready or nothing is outstanding (or the timeout)."""
+        with self.service._cv:
+            self.service._cv.wait_for(lambda: self._rows or not self.outstanding or self.service._error,
+                                      timeout=timeout)
+
+    def cancel(self) -> None:
+        with self.service._cv:
+            self.cancelled = True
+            self.service._cv.notify_all()
+
+
+@dataclass(eq=False)  # identity: one object per clip in flight
+class _Clip:
+    ticket: Ticket
+    sample: Sample
+    clip: DecodedClip
+    features: torch.Tensor | None = None  # kept until the Chinese request is admitted (direct mode)
+    en: Any = None  # Generation
+
+
+@dataclass
+class ServiceStats:
+    clips: int = 0
+    fallbacks: int = 0  # clips captioned by the static path after an engine failure
+    model_s: float = 0.0  # time the model thread was working
+    idle_s: float = 0.0  # time it waited for clips
+    engine_restarts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def token_budget(captioner: Captioner) -> int:
+    """Cache length per slot: the longest prompt (visual tokens expanded) plus its max_new_tokens."""
+    loaded, m = captioner.loaded, captioner.manifest
+    tok = loaded.tokenizer
+    visual = math.prod(loaded.config.pooling_shape)
+    en = len(tok(captioner.prompt_en)["input_ids"]) - 1 + visual + m.generation.max_new_tokens
+    need = [en]
+    if captioner.want_zh and captioner.zh_mode == "direct":
+        need.append(len(tok(captioner.prompt_zh_direct)["input_ids"]) - 1 + visual + m.zh.max_new_tokens)
+    if captioner.want_zh and captioner.zh_mode == "translate":
+        base = len(tok(captioner.translate_prompt(""))["input_ids"])
+        # the English caption re-tokenised can come out a little longer than its generated ids
+        need.append(base + int(m.generation.max_new_tokens * 1.25) + 16 + m.zh.max_new_tokens)
+    return max(need)
+
+
+def choose_slots(captioner: Captioner, max_len: int) -> int:
+    """`generation.slots` when set; on CUDA as many as fit in free memory (capped); on a CPU a few."""
+    requested = captioner.manifest.generation.slots
+    if captioner.device == "cpu" or not torch.cuda.is_available():
+        return requested or CPU_SLOTS
+    free, _ = torch.cuda.mem_get_info(torch.device(captioner.device))
+    return slots_for_memory(captioner.loaded, max_len, free, cap=requested or MAX_CUDA_SLOTS)
+
+
+class CaptionService:
+    def __init__(self, captioner: Captioner, *, num_slots: int | None = None, threaded: bool = True):
+        self.captioner = captioner
+        m = captioner.manifest
+        self.max_len = token_budget(captioner)
+        self.num_slots = num_slots or choose_slots(captioner, self.max_len)
+        self.engine = self._new_engine()
+        self._cv = threading.Condition()
+        self._inbox: deque[_Clip] = deque()  # submitted, not yet encoded
+        self._mt: list[_Clip] = []  # English done, waiting for the seq2seq translator (zh.mode mt)
+        self._ids = itertools.count()
+        self._requests: dict[Any, _Clip] = {}  # engine request id -> clip
+        self._error: BaseException | None = None
+        self.stats = ServiceStats()
+        self.encode_batch = m.generation.batch_size
+        # decoded clips waiting here are uint8 frames (~5 MB each): bound them
+        self.max_queued = max(2 * self.num_slots, 2 * self.encode_batch)
+        self.reading = threading.Lock()  # one shard reads and decodes at a time; the engine is shared
+        self._en_ids = captioner.loaded.tokenizer(captioner.prompt_en)["input_ids"]
+        self._direct_ids = captioner.loaded.tokenizer(captioner.prompt_zh_direct)["input_ids"]
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._loop, name="caption-engine", daemon=True)
+            self._thread.start()
+
+    def _new_engine(self) -> CaptionEngine:
+        g = self.captioner.manifest.generation
+        return CaptionEngine(self.captioner.loaded, self.num_slots, self.max_len, sync_every=g.sync_every,
+                             use_cuda_graphs=g.cuda_graphs and self.captioner.device != "cpu")
+
+    # ---- shard side
+
+    def open(self, name: str) -> Ticket:
+        return Ticket(self, name)
+
+    def submit(self, ticket: Ticket, sample: Sample, clip: DecodedClip, timeout: float | None = None) -> bool:
+        """Queue a decoded clip; False when the queue stayed full for `timeout` seconds (the caller checks its
+        deadline and tries again). Raises if the model thread died."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: len(self._inbox) < self.max_queued or self._error, timeout=timeout):
+                return False
+            if self._error is not None:
+                raise RuntimeError(f"the captioning engine stopped: {self._error}") from self._error
+            self._inbox.append(_Clip(ticket, sample, clip))
+            ticket.outstanding += 1
+            self._cv.notify_all()
+            return True
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the captioning engine stopped: {self._error}") from self._error
+
+    def caption_all(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
+        """All items through the engine on the calling thread (a service made with threaded=False): for tests
+        and benchmarks. Rows in completion order."""
+        ticket = self.open("inline")
+        for sample, clip in items:
+            self._inbox.append(_Clip(ticket, sample, clip))
+            ticket.outstanding += 1
+        while ticket.outstanding:
+            self._work()
+        return ticket.take()
+
+    # ---- model thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                t = time.perf_counter()
+                self._cv.wait_for(lambda: self._inbox or self._busy(), timeout=1.0)
+                self.stats.idle_s += time.perf_counter() - t
+            t = time.perf_counter()
+            try:
+                self._work()
+            except BaseException as e:  # never silently: the shards waiting on it raise with this
+                log.exception("captioning engine thread failed")
+                with self._cv:
+                    self._error = e
+                    self._cv.notify_all()
+                return
+            finally:
+                self.stats.model_s += time.perf_counter() - t
+
+    def _busy(self) -> bool:
+        return self.engine.busy or bool(self._mt)
+
+    def _work(self) -> None:
+        """Encode what the engine can take soon, one engine step, hand out what finished."""
+        self._drop_cancelled()
+        if len(self.engine.waiting) < self.encode_batch:
+            with self._cv:
+                batch = [self._inbox.popleft() for _ in range(min(self.encode_batch, len(self._inbox)))]
+                self._cv.notify_all()  # room in the queue
+            if batch:
+                self._start(batch)
+        try:
+            done = self.engine.step() if self.engine.busy else []
+            if not self.engine.busy:
+                done += self.engine.flush()
+        except Exception as e:
+            self._recover(e)
+            return
+        for completion in done:
+            self._completed(completion)
+        if self._mt and (len(self._mt) >= self.encode_batch or not (self.engine.busy or self._inbox)):
+            self._translate_mt()
+
+    def _start(self, batch: list[_Clip]) -> None:
+        c, m = self.captioner, self.captioner.manifest
+        try:
+            features = c.encode([(x.sample, x.clip) for x in batch])
+        except Exception as e:
+            log.warning("visual encoding of %d clips failed (%s); captioning them one by one", len(batch), e)
+            for x in batch:
+                self._fallback(x)
+            return
+        self.stats.clips += len(batch)
+        c.stats.clips += len(batch)
+        for x, f in zip(batch, features):
+            if c.want_zh and c.zh_mode == "direct":
+                x.features = f
+            self._submit(x, "en", self._en_ids, f, m.generation.max_new_tokens)
+
+    def _submit(self, x: _Clip, kind: str, ids: list[int], features: torch.Tensor | None, max_new: int) -> None:
+        c = self.captioner
+        rid = (next(self._ids), kind)
+        request = Request(rid, ids, features, max_new_tokens=max_new,
+                          repetition_penalty=c.manifest.generation.repetition_penalty, ignore_eos=c.ignore_eos)
+        try:
+            self.engine.submit(request)
+        except ValueError as e:  # longer than the cache holds (an unusual caption): the static path does it
+            log.warning("key %s: %s; captioning it with the static path", x.sample.key, e)
+            self._fallback(x)
+            return
+        self._requests[rid] = x
+
+    def _completed(self, completion: Any) -> None:
+        x = self._requests.pop(completion.id)
+        c, m = self.captioner, self.captioner.manifest
+        if x.ticket.cancelled:
+            return self._deliver(x, None)
+        if completion.id[1] == "en":
+            x.en = completion.generation
+            if not c.want_zh:
+                return self._deliver(x, c.build_row(x.sample, x.clip, x.en, None))
+            if c.zh_mode == "mt":
+                self._mt.append(x)
+            elif c.zh_mode == "direct":
+                features, x.features = x.features, None
+                self._submit(x, "zh", self._direct_ids, features, m.zh.max_new_tokens)
+            elif not x.en.text.strip():  # nothing to translate (as the static path does)
+                self._deliver(x, c.build_row(x.sample, x.clip, x.en, ("", 0, False)))
+            else:
+                ids = c.loaded.tokenizer(c.translate_prompt(x.en.text))["input_ids"]
+                self._submit(x, "zh", ids, None, m.zh.max_new_tokens)
+            return None
+        g = completion.generation
+        return self._deliver(x, c.build_row(x.sample, x.clip, x.en, (g.text, g.num_tokens, g.hit_max_new_tokens)))
+
+    def _translate_mt(self) -> None:
+        c, m = self.captioner, self.captioner.manifest
+        batch, self._mt = self._mt, []
+        live = [x for x in batch if not x.ticket.cancelled]
+        for x in batch:
+            if x.ticket.cancelled:
+                self._deliver(x, None)
+        if not live:
+            return
+        try:
+            out = c.translator.translate([x.en.text for x in live], max_new_tokens=m.zh.max_new_tokens,
+                                         batch_size=len(live))
+        except Exception as e:
+            log.warning("translating %d captions failed (%s); captioning them one by one", len(live), e)
+            for x in live:
+                self._fallback(x)
+            return
+        for x, t in zip(live, out):
+            self._deliver(x, c.build_row(x.sample, x.clip, x.en, (t.text, t.num_tokens, t.hit_max_new_tokens)))
+
+    def _recover(self, error: Exception) -> None:
+        """The engine failed mid-step: a fresh engine, and the clips it held captioned one by one."""
+        log.warning("captioning engine step failed (%s: %s); %d clips in flight go through the static path",
+                    type(error).__name__, error, len(self._requests))
+        held = list(dict.fromkeys(self._requests.values()))
+        self._requests.clear()
+        self.engine = self._new_engine()
+        self.stats.engine_restarts += 1
+        for x in held:
+            self._fallback(x)
+
+    def _fallback(self, x: _Clip) -> None:
+        self.stats.fallbacks += 1
+        row = None if x.ticket.cancelled else self.captioner.caption_batch([(x.sample, x.clip)])[0]
+        self._deliver(x, row)
+
+    def _deliver(self, x: _Clip, row: dict[str, Any] | None) -> None:
+        with self._cv:
+            x.ticket.outstanding -= 1
+            if row is not None and not x.ticket.cancelled:
+                x.ticket._rows.append(row)
+            self._cv.notify_all()
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            if not any(x.ticket.cancelled for x in self._inbox):
+                return
+            keep = deque()
+            for x in self._inbox:
+                if x.ticket.cancelled:
+                    x.ticket.outstanding -= 1
+                else:
+                    keep.append(x)
+            self._inbox = keep
+            self._cv.notify_all()

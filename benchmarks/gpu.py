@@ -1,8 +1,27 @@
-"""GPU throughput of a PLLaVA-7B-shaped model with random weights: batch sweep against a per-clip reference loop.
+"""GPU throughput of a PLLaVA-7B-shaped model with random weights: batch sweep against a per-clip reference loop,
+and the continuous-batching engine (model/engine.py) against today's static batches on a forced length mix.
 
     python -m benchmarks.gpu [--batch-sizes 8,16,32] [--new-tokens 256] [--batches 2] [--baseline-clips 2]
                              [--decode-workers N]
-    python -m benchmarks.gpu --tiny     # CPU, tiny dimensions, seconds: what CI runs (tests/benchmarks)
+    python -m benchmarks.gpu --engine [--static-batch-sizes 8,16] [--slots 16,32,64] [--graphs both]
+                             [--static-batches 2] [--clips-per-slot 2] [--max-minutes 7] [--json PATH]
+    python -m benchmarks.gpu --tiny     # CPU, tiny dimensions, both sections: what CI runs (tests/benchmarks)
+
+On the device machine (one H100/H200; its image has transformers 5.17, torch 2.11, and no decord, PyAV or
+webdataset), the engine comparison is one command. Once, here, in the repository root (``/.whl/`` is in
+.gitignore; the wheels are about 61 MiB, under the 64 MiB a call may carry):
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl transformers==5.24.0 av==18.1.0 decord==0.6.0 webdataset==1.0.2 braceexpand==0.1.7
+
+then there (carry ``.whl``), the one line:
+
+    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu --engine --json $OUT/gpu-engine.json 2>&1 | tee $OUT/gpu-engine.log
+
+It prints the torch and transformers versions first and refuses to run under any transformers but the pinned
+5.24.0: 5.17's Llama forward takes ``past_key_values=``, not ``cache=``, so generation.py would silently decode
+without a KV cache and the engine refuses (``check_cache_keyword``).
 
 The model has the released 7B shapes: CLIP ViT-L/14-336 (1024 wide, 24 layers, 16 heads, MLP 4096),
 projector 1024→4096→4096, AdaptiveAvgPool3d to 16×12×12 = 2304 visual tokens, Llama/Vicuna-7B (4096 wide,
@@ -24,6 +43,36 @@ the pool's fill time is reported apart), GPU busy % (nvidia-smi ``utilization.gp
 over the row), peak GPU memory, how long generation waited for decoded clips, and decoder CPU load (cores
 busy). The baseline is the reference style in the same run: one clip at a time, decoded inline, LoRA
 unmerged, results held in memory. Designed to finish in under 6 minutes on one H100/H200.
+
+``--engine`` (issue 13): the same model, clips and decode path, and benchmarks/engine.py's forced length
+mix (seeded): clip i's English caption is exactly ``en_len[i]`` tokens, uniform in [--en-min, --en-max]
+(60–300), its Chinese translation ``round(--zh-ratio × en_len[i])`` (1.2×), both ``ignore_eos``. Rows:
+
+- ``static``: today's loop (generation.py) at each --static-batch-sizes: a batch is encoded, its English
+  captions run until the longest is done, then its translation prompts (built from each caption cut to its
+  length) until the longest Chinese is done; --static-batches batches per row;
+- ``engine``: one ``CaptionEngine`` of each --slots count (KV cache of max_len ≈ 2.86k positions allocated
+  once), eager and with ``use_cuda_graphs=True`` (decode step under ``torch.compile(mode="reduce-overhead")``;
+  the build, warm-up and compile are timed apart, "warm-up s"); clips arrive from the decoder pool, are
+  encoded --vision-batch at a time, and their English requests join the engine as they come; each clip's
+  Chinese request joins the same engine as soon as its English caption is back. --clips-per-slot × slots
+  clips per row. A slot count is skipped when ``slots_for_memory`` (free memory after the weights) says it
+  does not fit.
+
+Columns: clips/GPU-hour (clips with English and Chinese done, from the first batch/chunk on), useful tokens/s
+(forced lengths only), ratio to the best static row of the run, slot utilisation (useful tokens / row-steps;
+the engine's steady value is over steps with every slot busy), KV bytes copied (static: DynamicCache's
+torch.cat) or written (engine) per decode step, GPU busy %, peak ``max_memory_allocated``, decode waits.
+Time: rows run most important first (the largest static batch, the largest slot count eager then graphs,
+the other static batch, then the smaller slot counts); --max-minutes (7, counted from the start) bounds the
+whole run: a row that cannot start in the time left is skipped (a graphs row needs 150 s: it compiles
+first), a static row starts no batch that would end past the limit, an engine row stops at the limit
+(marked "cut": its clips in flight are lost), and what was skipped is printed. Budget, conservatively (7B
+decode 25–40 ms per step eager, a 2.6k-token prefill 40–80 ms, a CUDA-graph compile 1–2 min per slot
+count): about 40 s of set-up, static 8 / 16 about 40 s each (16 and 32 clips), engine rows 15–55 s each
+(2 × slots clips) plus a compile per graphs row, about 9.5 min for all eight rows in the worst case, so
+the limit may skip the 16-slot rows (run last); typically everything fits. The 64-slot rows need an H200
+(max_len ≈ 2.86k: ≈ 1.5 GB of KV cache per slot, 96 GB for 64) and are skipped on an H100.
 """
 
 from __future__ import annotations
@@ -36,6 +85,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -48,6 +98,7 @@ if TYPE_CHECKING:
     from model.loading import LoadedPllava
     from model.pllava import PllavaModel
     from pipeline.frames import DecodedClip
+    from pipeline.shards import Sample
 
 # Heavy imports happen inside functions: spawned decoder processes re-import __main__ (see pipeline.py).
 
@@ -57,6 +108,10 @@ VISION_7B = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers"
 TEXT_7B = {"vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "pad_token_id": 0}
 LORA_RANK_7B = 128
 LORA_ALPHA = 4.0
+PINNED_TORCH = "2.13.0"
+PINNED_TRANSFORMERS = "5.24.0"  # = model.engine.EXPECTED_TRANSFORMERS, not imported: 5.17 may not import it
+# What the device machine's image lacks or has at another version (see the module docstring)
+DEVICE_WHEELS = ("transformers==5.24.0", "av==18.1.0", "decord==0.6.0", "webdataset==1.0.2", "braceexpand==0.1.7")
 
 
 def pllava_config(tiny_dir: Path, tiny: bool) -> PllavaConfig:
@@ -153,6 +208,20 @@ class RowResult:
     stage_s: dict[str, float]
 
 
+def encode_clips(loaded: LoadedPllava, clips: list[DecodedClip]) -> torch.Tensor:
+    """uint8 frames → the model's device → CLIP normalisation there → `encode_videos`: (B, N_vis, D)."""
+    import numpy as np
+    import torch
+
+    from pipeline.frames import normalize_frames
+
+    frames = torch.from_numpy(np.stack([c.frames for c in clips]))  # uint8: a quarter of the bytes to copy
+    if loaded.device.type == "cuda":
+        frames = frames.pin_memory().to(loaded.device, non_blocking=True)
+    pixels = normalize_frames(frames)  # (B, T, 3, 336, 336) on the device
+    return loaded.model.encode_videos(pixels)  # (B, 2304, D)
+
+
 def caption_forced(loaded: LoadedPllava, clips: list[DecodedClip], new_tokens: int,
                    stage_s: dict[str, float]) -> int:
     """EN visual pass, then the ZH translate pass, both forced to `new_tokens`; returns tokens generated."""
@@ -163,15 +232,7 @@ def caption_forced(loaded: LoadedPllava, clips: list[DecodedClip], new_tokens: i
     template = loaded.template
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    import numpy as np
-
-    from pipeline.frames import normalize_frames
-
-    frames = torch.from_numpy(np.stack([c.frames for c in clips]))  # uint8: a quarter of the bytes to copy
-    if loaded.device.type == "cuda":
-        frames = frames.pin_memory().to(loaded.device, non_blocking=True)
-    pixels = normalize_frames(frames)  # (B, T, 3, 336, 336) on the device
-    features = loaded.model.encode_videos(pixels)  # (B, 2304, D)
+    features = encode_clips(loaded, clips)  # (B, 2304, D)
     sync()
     t1 = time.perf_counter()
     en = generate_captions(loaded, [template.format(template.default_question_en)] * len(clips), features,
@@ -187,16 +248,62 @@ def caption_forced(loaded: LoadedPllava, clips: list[DecodedClip], new_tokens: i
     return sum(g.num_tokens for g in en) + sum(g.num_tokens for g in zh)
 
 
+def check_versions() -> None:
+    """Print torch/transformers; refuse anything but the pinned transformers (see the module docstring)."""
+    import torch
+    import transformers
+
+    EXPECTED_TRANSFORMERS = PINNED_TRANSFORMERS
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__} (pinned: torch {PINNED_TORCH}, "
+          f"transformers {EXPECTED_TRANSFORMERS})", flush=True)
+    if transformers.__version__ != EXPECTED_TRANSFORMERS:
+        raise SystemExit(
+            f"benchmarks.gpu: refusing to run under transformers {transformers.__version__}: the project pins "
+            f"{EXPECTED_TRANSFORMERS}, whose Llama forward takes cache= (5.17 takes past_key_values=; generation.py "
+            f"would decode without its KV cache and the engine refuses). Carry the pinned wheels: here, "
+            f"`python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
+            f"--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "
+            f"-d .whl {' '.join(DEVICE_WHEELS)}`; there (carry .whl), before the benchmark: `python3 -m pip install "
+            f"-q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export "
+            f"PYTHONPATH=/tmp/site` (the full line is in benchmarks/gpu.py's docstring)."
+        )
+    if torch.__version__.split("+")[0] != PINNED_TORCH:
+        print(f"note: torch {torch.__version__} is not the pinned {PINNED_TORCH}; numbers are for this torch",
+              flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="CPU, tiny model dimensions, a few tokens (for CI)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU, tiny model dimensions, a few tokens, both sections unless --engine (for CI)")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 8,16,32; tiny 1,2)")
     parser.add_argument("--new-tokens", type=int, default=None, help="per language (default 256; tiny 8)")
     parser.add_argument("--batches", type=int, default=None, help="batches per batch size (default 2; tiny 1)")
     parser.add_argument("--baseline-clips", type=int, default=2)
     parser.add_argument("--decode-workers", type=int, default=None)
     parser.add_argument("--frames", type=int, default=None, help="frames per synthetic clip (default 48)")
+    engine = parser.add_argument_group("engine comparison (--engine; --tiny runs it too)")
+    engine.add_argument("--engine", action="store_true",
+                        help="run the engine-vs-static comparison on the forced length mix (and not the sweep)")
+    engine.add_argument("--static-batch-sizes", default=None, help="today's loop (default 8,16; tiny 1,2)")
+    engine.add_argument("--static-batches", type=int, default=None, help="batches per static row (default 2; tiny 1)")
+    engine.add_argument("--slots", default=None, help="engine slot counts (default 16,32,64; tiny 2)")
+    engine.add_argument("--graphs", choices=("both", "eager", "graphs"), default="both",
+                        help="engine rows eager, with use_cuda_graphs=True, or both (default)")
+    engine.add_argument("--clips-per-slot", type=int, default=2, help="clips per engine row = this x slots")
+    engine.add_argument("--vision-batch", type=int, default=None, help="clips encoded together (default 8; tiny 2)")
+    engine.add_argument("--sync-every", type=int, default=4)
+    engine.add_argument("--en-min", type=int, default=None, help="English length range (default 60..300; tiny 4..12)")
+    engine.add_argument("--en-max", type=int, default=None)
+    engine.add_argument("--zh-ratio", type=float, default=1.2)
+    engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument("--max-minutes", type=float, default=7.0,
+                        help="whole-run time limit: rows that cannot start are skipped, a running one is cut")
+    engine.add_argument("--json", type=Path, default=None, help="also write the engine comparison as JSON here")
     args = parser.parse_args(argv)
+    args.t_launch = time.perf_counter()  # --max-minutes counts from here
+    check_versions()
     import torch
 
     cpus = len(os.sched_getaffinity(0))
@@ -206,35 +313,41 @@ def main(argv: list[str] | None = None) -> None:
     batches = args.batches or (1 if tiny else 2)
     workers = args.decode_workers or (1 if tiny else max(1, min(12, cpus - 2)))
     frames = args.frames or (16 if tiny else 48)
+    args.static_batch_sizes = [int(b) for b in (args.static_batch_sizes or ("1,2" if tiny else "8,16")).split(",")]
+    args.slots = [int(s) for s in (args.slots or ("2" if tiny else "16,32,64")).split(",")]
+    args.static_batches = args.static_batches or (1 if tiny else 2)
+    args.vision_batch = args.vision_batch or (2 if tiny else 8)
+    args.en_min = args.en_min or (4 if tiny else 60)
+    args.en_max = args.en_max or (12 if tiny else 300)
+    sections = {"engine"} if args.engine else ({"sweep", "engine"} if tiny else {"sweep"})
     if tiny:
         device, dtype = torch.device("cpu"), torch.float32
+        torch.set_num_threads(1)  # tiny matrices: a second thread only spins, badly on a loaded CI machine
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA device; use --tiny to run on the CPU")
         device, dtype = torch.device("cuda"), torch.bfloat16
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        run(args, argv, Path(tmp), tiny, device, dtype, batch_sizes, new_tokens, batches, workers, frames)
+        run(args, argv, Path(tmp), tiny, device, dtype, batch_sizes, new_tokens, batches, workers, frames, sections)
+
+
+def make_samples(distinct: list[bytes], n: int, tag: str, start: int = 0) -> list[Sample]:
+    from pipeline.shards import Sample
+
+    return [Sample(key=f"{tag}-{i}", shard="bench", mp4=distinct[i % len(distinct)]) for i in range(start, start + n)]
 
 
 def run(args, argv, tmp: Path, tiny: bool, device, dtype, batch_sizes: list[int], new_tokens: int,
-        batches: int, workers: int, frames: int) -> None:
+        batches: int, workers: int, frames: int, sections: set[str]) -> None:
     import torch
 
-    from benchmarks.common import (
-        command_line,
-        machine_line,
-        markdown_table,
-        random_lora_weights,
-        unmerged_lora,
-    )
     from model.tiny import build_tiny_checkpoint
-    from pipeline.decode import DecodePool
     from pipeline.frames import DecodedClip, decode_clip
-    from pipeline.shards import Sample
     from pipeline.synthetic import encode_clip
 
     t_start = time.perf_counter()
+    deadline = args.t_launch + 60 * args.max_minutes
     is_cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if is_cuda else (lambda: None)
     tiny_dir = build_tiny_checkpoint(tmp / "tiny-pllava", seed=0)
@@ -252,12 +365,43 @@ def run(args, argv, tmp: Path, tiny: bool, device, dtype, batch_sizes: list[int]
           flush=True)
 
     def samples(n: int, tag: str) -> list[Sample]:
-        return [Sample(key=f"{tag}-{i}", shard="bench", mp4=distinct[i % len(distinct)]) for i in range(n)]
+        return make_samples(distinct, n, tag)
 
     warm = decode_clip(distinct[0])
     assert isinstance(warm, DecodedClip), warm
     caption_forced(loaded, [warm], 2, {})  # kernels, cuBLAS handles, allocator
     monitor = GpuBusy() if is_cuda else None
+    device_name = torch.cuda.get_device_name() if is_cuda else "CPU (--tiny: tiny dimensions, GPU fields n/a)"
+    try:
+        if "sweep" in sections:
+            sweep_section(loaded, args, argv, tiny, is_cuda, samples, workers, monitor, batch_sizes, new_tokens,
+                          batches, frames, params, dtype, device_name, t_start)
+        if "engine" in sections:
+            engine_section(loaded, args, argv, tiny, is_cuda, distinct, warm, workers, monitor, frames, params,
+                           dtype, device_name, t_start, deadline)
+    finally:
+        if monitor:
+            monitor.close()
+
+
+def sweep_section(loaded, args, argv, tiny: bool, is_cuda: bool, samples, workers: int, monitor, batch_sizes,
+                  new_tokens: int, batches: int, frames: int, params: int, dtype, device_name: str,
+                  t_start: float) -> None:
+    """The batch sweep against the per-clip reference loop (the module docstring's first part)."""
+    import torch
+
+    from benchmarks.common import (
+        child_cpu_seconds,
+        command_line,
+        machine_line,
+        markdown_table,
+        random_lora_weights,
+        unmerged_lora,
+    )
+    from pipeline.decode import DecodePool
+    from pipeline.frames import DecodedClip, decode_clip
+
+    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
     results: list[RowResult] = []
 
     def finish_row(name: str, clips: int, t_first: float, fill_s: float, tokens: int, wait_s: float,
@@ -285,8 +429,6 @@ def run(args, argv, tmp: Path, tiny: bool, device, dtype, batch_sizes: list[int]
     finish_row("reference: per-clip, unmerged LoRA, inline decode", len(held), t_first, 0.0, tokens, 0.0, None,
                stage_s)
     del lora
-
-    from benchmarks.common import child_cpu_seconds
 
     for bs in batch_sizes:
         if is_cuda:
@@ -320,8 +462,6 @@ def run(args, argv, tmp: Path, tiny: bool, device, dtype, batch_sizes: list[int]
             cpu_s = child_cpu_seconds(pool.worker_pids()) - cpu0
             finish_row(f"batched, batch {bs}, {workers} decoders", done, t_first, fill_s, tokens, wait_s, cpu_s,
                        stage_s)
-    if monitor:
-        monitor.close()
 
     ref = results[0]
     ref_rate = ref.clips / ref.seconds
@@ -337,7 +477,6 @@ def run(args, argv, tmp: Path, tiny: bool, device, dtype, batch_sizes: list[int]
             f"{r.fill_s:.1f}", "n/a" if r.decoder_cpu_s is None else f"{r.decoder_cpu_s / (r.seconds + r.fill_s):.2f}",
             f"{r.seconds:.1f}", stages,
         ])
-    device_name = torch.cuda.get_device_name() if is_cuda else "CPU (--tiny: tiny dimensions, GPU fields n/a)"
     print()
     print(machine_line())
     print(f"device: {device_name}")
@@ -349,6 +488,349 @@ def run(args, argv, tmp: Path, tiny: bool, device, dtype, batch_sizes: list[int]
     print(markdown_table(["path", "clips", "clips/GPU-hour", "gen tok/s", "vs reference", "GPU busy",
                           "peak GPU GiB", "gen waits on decode", "fill s", "decoder cores busy", "steady s",
                           "vision/EN/ZH s"], table))
+    print(flush=True)
+
+
+# ------------------------------------------------------------------------------------- engine comparison
+
+
+@dataclass
+class MixRow:
+    """One row of the engine comparison; `seconds` from the first batch/chunk of decoded clips to the end."""
+
+    name: str
+    kind: str  # "static" or "engine"
+    size: int  # batch size or slot count
+    graphs: bool
+    clips: int  # clips with English and Chinese done
+    seconds: float
+    fill_s: float
+    warmup_s: float  # engine build + warm-up (with graphs: compile and capture); 0 for static
+    useful_tokens: int
+    row_steps: int
+    steady_utilisation: float | None
+    kv_bytes_per_step: float
+    wait_s: float
+    busy: float | None
+    peak_gib: float | None
+    mean_en: float
+    mean_zh: float
+    detail: str = ""
+    cut: bool = False
+
+    @property
+    def clips_per_hour(self) -> float:
+        return 3600 * self.clips / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def utilisation(self) -> float:
+        return self.useful_tokens / self.row_steps if self.row_steps else 0.0
+
+
+def translation_prompt(loaded: LoadedPllava, token_ids: list[int]) -> str:
+    """The translate pass's prompt for a caption of these (random) token ids: ids mapped into the tiny
+    tokenizer's vocabulary, the text cut to as many tokens as the caption had (random ids map to text that
+    re-tokenises to ~3x as many), so the prompt is about as long as with a real caption of that length."""
+    tok, template = loaded.tokenizer, loaded.template
+    vocab = len(tok)
+    text = tok.decode([t % vocab for t in token_ids], skip_special_tokens=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"][: len(token_ids)]
+    caption = tok.decode(ids, skip_special_tokens=True)
+    return template.format(template.default_translate_zh.format(caption=caption), with_image=False)
+
+
+def engine_section(loaded, args, argv, tiny: bool, is_cuda: bool, distinct: list[bytes], warm_clip, workers: int,
+                   monitor, frames: int, params: int, dtype, device_name: str, t_start: float,
+                   deadline: float) -> None:
+    """Today's static loop against CaptionEngine on the forced length mix (the module docstring's `--engine`)."""
+    import gc
+    import math
+    import statistics
+
+    import torch
+
+    from benchmarks.common import child_cpu_seconds, command_line, machine_line, markdown_table
+    from benchmarks.engine import draw_lengths, drive_engine, dynamic_cache_copy_bytes, en_request
+    from model.engine import CaptionEngine, EngineStats, Request, kv_bytes_per_slot, slots_for_memory
+    from model.generation import generate_captions, generate_text, tokenize_prompts
+    from pipeline.decode import DecodePool
+    from pipeline.frames import DecodedClip
+
+    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
+    tok, template = loaded.tokenizer, loaded.template
+    en_prompt = template.format(template.default_question_en)
+    en_ids = tok([en_prompt])["input_ids"][0]
+    num_visual = math.prod(loaded.config.pooling_shape)
+    en_prompt_len = len(en_ids) - 1 + num_visual
+    zh_template_len = len(tok([template.format(template.default_translate_zh.format(caption=""),
+                                               with_image=False)])["input_ids"][0])
+    static_sizes = sorted(set(args.static_batch_sizes))
+    slot_counts = sorted(set(args.slots))
+    modes = {"both": (False, True), "eager": (False,), "graphs": (True,)}[args.graphs]
+    n_max = max([b * args.static_batches for b in static_sizes] + [s * args.clips_per_slot for s in slot_counts])
+    lengths = draw_lengths(n_max, args.en_min, args.en_max, args.zh_ratio, args.seed)
+    en_max, zh_max = max(e for e, _ in lengths), max(z for _, z in lengths)
+    # a caption cut to its length re-tokenises to about as many tokens; 2x leaves room (as benchmarks/engine.py)
+    max_len = max(en_prompt_len + en_max, zh_template_len + 2 * en_max + zh_max) + 8
+    per_position = kv_bytes_per_slot(loaded, 1)  # one position of one row, all layers, K and V
+    warm_features = None
+    if is_cuda:
+        with torch.inference_mode():
+            warm_features = encode_clips(loaded, [warm_clip])[0]
+    print(f"engine comparison: EN {args.en_min}-{args.en_max} tokens, ZH {args.zh_ratio}x (seed {args.seed}), EN "
+          f"prompt {en_prompt_len} tokens ({num_visual} visual), max_len {max_len}, KV "
+          f"{kv_bytes_per_slot(loaded, max_len) / 2**30:.3f} GiB per slot; static batches {static_sizes} x "
+          f"{args.static_batches}, slots {slot_counts} x {args.clips_per_slot} clips per slot, "
+          f"{'eager' if modes == (False,) else 'graphs' if modes == (True,) else 'eager and graphs'}; limit "
+          f"{args.max_minutes} min ({max(0.0, deadline - time.perf_counter()):.0f}s left)", flush=True)
+
+    rows: list[MixRow] = []
+    skipped: list[str] = []
+
+    def stop() -> bool:
+        return time.perf_counter() > deadline
+
+    def fresh_memory() -> None:
+        gc.collect()
+        if is_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def finish(row: MixRow, t_first: float | None) -> None:
+        sync()
+        if not row.clips:
+            skipped.append(f"{row.name}: the time limit came before its first clip was done")
+            print(f"  skipped {skipped[-1]}", flush=True)
+            return
+        t_end = time.perf_counter()
+        if t_first is None:  # nothing ran (cut before the first batch)
+            t_first = t_end
+        row.seconds = t_end - t_first
+        row.busy = monitor.mean(t_first, t_end) if monitor else None
+        row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if is_cuda else None
+        rows.append(row)
+        print(f"  {row.name:<44} {row.clips:4d} clips {row.clips_per_hour:9.0f} clips/GPU-h "
+              f"{row.useful_tokens / row.seconds if row.seconds else 0:8.0f} tok/s  utilisation "
+              f"{row.utilisation:.3f}{'  (cut at the time limit)' if row.cut else ''}", flush=True)
+
+    def static_row(bs: int) -> None:
+        n = bs * args.static_batches
+        fresh_memory()
+        row = MixRow(f"static, batch {bs} (today's loop)", "static", bs, False, 0, 0.0, 0.0, 0.0, 0, 0, None, 0.0,
+                     0.0, None, None, statistics.mean(e for e, _ in lengths[:n]),
+                     statistics.mean(z for _, z in lengths[:n]))
+        copy_bytes = forwards = 0
+        with DecodePool(workers=workers, max_ahead=2 * bs, mode="process") as pool:
+            list(pool.imap(make_samples(distinct, workers, "warm")))  # process start-up is not measured
+            cpu0 = child_cpu_seconds(pool.worker_pids())
+            t_begin = time.perf_counter()
+            it = pool.imap(make_samples(distinct, n, f"s{bs}"))
+            t_first = None
+            batch_s = 0.0  # the last batch's duration: a batch that would end past the limit is not started
+            for start in range(0, n, bs):
+                if time.perf_counter() + batch_s > deadline:
+                    row.cut = True
+                    break
+                t_wait = time.perf_counter()
+                clips = [item[1] for _, item in zip(range(bs), it)]
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    row.fill_s = t_first - t_begin
+                else:
+                    row.wait_s += time.perf_counter() - t_wait
+                assert all(isinstance(c, DecodedClip) for c in clips), clips
+                lens = lengths[start: start + len(clips)]
+                features = encode_clips(loaded, clips)
+                steps = max(e for e, _ in lens)
+                en = generate_captions(loaded, [en_prompt] * len(clips), features, max_new_tokens=steps,
+                                       ignore_eos=True)
+                ids, _ = tokenize_prompts(loaded, [en_prompt] * len(clips))
+                c, f = dynamic_cache_copy_bytes(len(clips), ids.shape[1] - 1 + num_visual, steps, per_position)
+                copy_bytes, forwards = copy_bytes + c, forwards + f
+                row.row_steps += len(clips) * steps
+                prompts = [translation_prompt(loaded, g.token_ids[:e]) for g, (e, _) in zip(en, lens)]
+                steps = max(z for _, z in lens)
+                generate_text(loaded, prompts, max_new_tokens=steps, ignore_eos=True)
+                ids, _ = tokenize_prompts(loaded, prompts)
+                c, f = dynamic_cache_copy_bytes(len(clips), ids.shape[1], steps, per_position)
+                copy_bytes, forwards = copy_bytes + c, forwards + f
+                row.row_steps += len(clips) * steps
+                row.useful_tokens += sum(e + z for e, z in lens)
+                row.clips += len(clips)
+                sync()
+                batch_s = time.perf_counter() - t_wait
+            cpu_s = child_cpu_seconds(pool.worker_pids()) - cpu0
+        row.kv_bytes_per_step = copy_bytes / forwards if forwards else 0.0
+        row.detail = (f"{forwards} decode forwards, {row.useful_tokens} useful of {row.row_steps} row-steps, "
+                      f"decoders {cpu_s:.1f} CPU s")
+        finish(row, t_first)
+
+    def engine_row(slots: int, graphs: bool) -> None:
+        n = slots * args.clips_per_slot
+        name = f"engine, {slots} slots, {'CUDA graphs' if graphs else 'eager'}"
+        if graphs and not is_cuda:
+            name += " (ignored on CPU)"
+        fresh_memory()
+        if is_cuda:
+            free = torch.cuda.mem_get_info()[0]
+            try:
+                fit = slots_for_memory(loaded, max_len, free)
+            except RuntimeError:
+                fit = 0
+            if fit < slots:
+                skipped.append(f"{name}: slots_for_memory says {fit} slots of max_len {max_len} fit in "
+                               f"{free / 2**30:.1f} GiB free")
+                print(f"  skipped {skipped[-1]}", flush=True)
+                return
+        t0 = time.perf_counter()
+        engine = CaptionEngine(loaded, num_slots=slots, max_len=max_len, sync_every=args.sync_every,
+                               use_cuda_graphs=graphs)
+        # warm-up (and, with graphs, compile + capture of the fixed-shape decode step): one visual request and
+        # text-only ones in every slot, a few syncs long; then the counters start again
+        warm_ids = tok([translation_prompt(loaded, list(range(16)))])["input_ids"][0]
+        if is_cuda:  # the visual prefill's kernels (on the tiny CPU model, a second of nothing)
+            engine.submit(Request("warm-en", en_ids, warm_features, max_new_tokens=2, ignore_eos=True))
+        for k in range(slots):
+            engine.submit(Request(("warm", k), warm_ids, None, max_new_tokens=3 * args.sync_every + k % 3,
+                                  ignore_eos=True))
+        engine.run_until_idle()
+        sync()
+        warmup_s = time.perf_counter() - t0
+        engine.stats = EngineStats(num_slots=slots)
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        row = MixRow(name, "engine", slots, graphs, 0, 0.0, 0.0, warmup_s, 0, 0, None, 0.0, 0.0, None, None,
+                     statistics.mean(e for e, _ in lengths[:n]), statistics.mean(z for _, z in lengths[:n]))
+        with DecodePool(workers=workers, max_ahead=max(2 * args.vision_batch, slots), mode="process") as pool:
+            list(pool.imap(make_samples(distinct, workers, "warm")))
+            cpu0 = child_cpu_seconds(pool.worker_pids())
+            t_begin = time.perf_counter()
+            it = pool.imap(make_samples(distinct, n, f"e{slots}{'g' if graphs else ''}"))
+            state = {"next": 0, "t_first": None}
+
+            def feed(eng: CaptionEngine) -> bool:
+                """Keep --vision-batch English requests waiting: pull decoded clips, encode, submit."""
+                if len(eng.waiting) >= args.vision_batch:
+                    return True
+                t_wait = time.perf_counter()
+                clips = [item[1] for _, item in zip(range(args.vision_batch), it)]
+                if state["t_first"] is None:
+                    state["t_first"] = time.perf_counter()
+                    row.fill_s = state["t_first"] - t_begin
+                else:
+                    row.wait_s += time.perf_counter() - t_wait
+                if clips:
+                    assert all(isinstance(c, DecodedClip) for c in clips), clips
+                    with torch.inference_mode():
+                        features = encode_clips(loaded, clips)
+                    for k in range(len(clips)):
+                        eng.submit(en_request(state["next"] + k, en_ids, features[k], lengths))
+                    state["next"] += len(clips)
+                return state["next"] < n
+
+            def zh_ids(completion) -> list[int]:
+                return tok([translation_prompt(loaded, completion.generation.token_ids)])["input_ids"][0]
+
+            _, zh_done = drive_engine(engine, lengths, zh_ids, feed=feed, stop=stop)
+            row.cut = len(zh_done) < n
+            cpu_s = child_cpu_seconds(pool.worker_pids()) - cpu0
+        s = engine.stats
+        row.clips, row.useful_tokens, row.row_steps = len(zh_done), s.useful_tokens, s.slot_steps
+        row.steady_utilisation = s.steady_utilisation if s.full_steps else None
+        row.kv_bytes_per_step = s.kv_bytes_per_decode_step
+        row.detail = (f"{s.steps} steps, {s.prefills} prefills ({s.prefill_tokens} tokens), {s.syncs} host syncs, "
+                      f"useful {s.useful_tokens}, wasted {s.wasted_slot_steps}, idle {s.idle_slot_steps} slot-steps, "
+                      f"{s.full_steps} full steps; KV cache {engine.cache.nbytes / 2**30:.2f} GiB; decoders "
+                      f"{cpu_s:.1f} CPU s")
+        finish(row, state["t_first"])
+        del engine
+        if graphs and is_cuda:
+            torch._dynamo.reset()  # frees the captured graphs' memory pool before the next row
+
+    # most important first: the largest static batch, the largest slot count (eager, graphs), then the rest
+    plan: list[tuple[str, int, bool]] = [("static", static_sizes[-1], False)]
+    for i, slots in enumerate(reversed(slot_counts)):
+        plan += [("engine", slots, g) for g in modes]
+        if i == 0:
+            plan += [("static", b, False) for b in reversed(static_sizes[:-1])]
+    # rough seconds a row needs to be worth starting (a graphs row compiles first); none on the tiny model
+    need = {("static", False): 30.0, ("engine", False): 30.0, ("engine", True): 150.0}
+    for kind, size, graphs in plan:
+        left = deadline - time.perf_counter()
+        label = (f"static, batch {size}" if kind == "static"
+                 else f"engine, {size} slots, {'CUDA graphs' if graphs else 'eager'}")
+        if left < (0.0 if tiny else need[(kind, graphs)]) or left <= 0:
+            skipped.append(f"{label}: {max(0.0, left):.0f}s left of --max-minutes {args.max_minutes}")
+            print(f"  skipped {skipped[-1]}", flush=True)
+            continue
+        failed = None
+        try:
+            static_row(size) if kind == "static" else engine_row(size, graphs)
+        except Exception as err:  # noqa: BLE001 - one failing row (e.g. a graph capture) must not lose the others
+            failed = f"{label}: failed: {type(err).__name__}: {str(err)[:300]}"
+            traceback.print_exc()
+        if failed:  # outside the except clause: its traceback (and the row's engine) is gone by now
+            skipped.append(failed)
+            print(f"  FAILED {failed}", flush=True)
+            if is_cuda:
+                torch._dynamo.reset()
+            fresh_memory()
+
+    order = {("static", False): 0, ("engine", False): 1, ("engine", True): 2}
+    rows.sort(key=lambda r: (r.kind != "static", r.size, order[(r.kind, r.graphs)]))
+    statics = [r for r in rows if r.kind == "static" and r.clips]
+    best_static = max(statics, key=lambda r: r.clips_per_hour) if statics else None
+    table = []
+    for r in rows:
+        ratio = (f"{r.clips_per_hour / best_static.clips_per_hour:.2f}x" if best_static and r.clips else "n/a")
+        table.append([
+            r.name + (" (cut)" if r.cut else ""), r.clips, f"{r.clips_per_hour:.0f}",
+            f"{r.useful_tokens / r.seconds if r.seconds else 0:.0f}", ratio, f"{r.utilisation:.3f}",
+            "-" if r.steady_utilisation is None else f"{r.steady_utilisation:.3f}",
+            f"{r.kv_bytes_per_step / 2**20:.2f}", "n/a" if r.busy is None else f"{r.busy:.0f}%",
+            "n/a" if r.peak_gib is None else f"{r.peak_gib:.1f}",
+            f"{100 * r.wait_s / r.seconds:.1f}%" if r.seconds else "n/a", f"{r.fill_s:.1f}", f"{r.warmup_s:.1f}",
+            f"{r.seconds:.1f}", f"{r.mean_en:.0f}/{r.mean_zh:.0f}",
+        ])
+    print()
+    print(machine_line())
+    print(f"device: {device_name}")
+    print(f"command: {command_line('benchmarks.gpu', argv)}")
+    print(f"model: {'tiny dims' if tiny else 'PLLaVA-7B shapes'}, {params / 1e6:.1f}M params, {dtype}, sdpa; forced "
+          f"length mix EN {args.en_min}-{args.en_max} tokens, ZH {args.zh_ratio}x EN (translate, same engine), "
+          f"seed {args.seed}; {num_visual} visual tokens, max_len {max_len}; 1280x720 clips, {frames} frames; "
+          f"{workers} decoder processes; sync every {args.sync_every}; total run "
+          f"{time.perf_counter() - t_start:.0f}s (limit {args.max_minutes} min)")
+    print()
+    print(markdown_table(["mix path", "clips", "clips/GPU-hour", "useful tok/s", "vs best static",
+                          "utilisation", "utilisation (steady)", "KV MiB per decode step", "GPU busy",
+                          "peak GPU GiB", "waits on decode", "fill s", "warm-up s", "steady s",
+                          "mean EN/ZH tokens"], table))
+    print()
+    for r in rows:
+        print(f"{r.name}: {r.detail}")
+    engines = [r for r in rows if r.kind == "engine" and r.clips]
+    engines = [r for r in engines if not r.cut] or engines  # a cut row lost its clips in flight
+    if best_static and engines:
+        best = max(engines, key=lambda r: r.clips_per_hour)
+        print(f"ratio engine / today's loop: best engine row ({best.name}{', cut' if best.cut else ''}) / best "
+              f"static row ({best_static.name}) = "
+              f"{best.clips_per_hour / best_static.clips_per_hour:.2f}x clips/GPU-hour (target >= 3x); best "
+              f"engine {best.clips_per_hour:.0f} clips/GPU-hour (target 10000)")
+    else:
+        print("ratio engine / today's loop: n/a (a static or an engine row is missing)")
+    for line in skipped:
+        print(f"skipped: {line}")
+    if args.json:
+        result = {
+            "command": command_line("benchmarks.gpu", argv), "machine": machine_line(), "device": device_name,
+            "max_len": max_len, "lengths": lengths, "visual_tokens": num_visual, "skipped": skipped,
+            "rows": [{**{k: v for k, v in vars(r).items()}, "clips_per_hour": r.clips_per_hour,
+                      "utilisation": r.utilisation} for r in rows],
+        }
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+        print(f"JSON: {args.json}")
 
 
 if __name__ == "__main__":

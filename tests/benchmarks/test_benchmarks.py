@@ -49,6 +49,47 @@ def test_gpu_benchmark_tiny_mode_runs_on_cpu():
         assert row[5] == "n/a" and row[6] == "n/a"  # no GPU: busy % and memory are not made up
     assert rows[0][4] == "1.00x"
     assert "device: CPU (--tiny" in out
+    assert "transformers 5.24.0 (pinned:" in out
+
+    # --tiny runs the engine comparison too: today's static loop and the engine, eager and "graphs"
+    engine_rows = table_rows(out, "| mix path | clips | clips/GPU-hour")
+    assert [r[0] for r in engine_rows] == [
+        "static, batch 1 (today's loop)",
+        "static, batch 2 (today's loop)",
+        "engine, 2 slots, eager",
+        "engine, 2 slots, CUDA graphs (ignored on CPU)",
+    ]
+    for row in engine_rows:
+        assert int(row[1]) >= 1
+        assert float(row[2]) > 0 and float(row[3]) > 0  # clips/hour, useful tokens/s
+        assert row[4].endswith("x") and float(row[4][:-1]) > 0  # ratio to the best static row
+        assert 0 < float(row[5]) <= 1  # slot utilisation
+        assert row[8] == "n/a" and row[9] == "n/a"  # no GPU: busy % and memory are not made up
+    assert "1.00x" in [r[4] for r in engine_rows if r[0].startswith("static")]
+    for row in engine_rows[2:]:
+        assert 0 < float(row[6]) <= 1  # steady utilisation: the 2 slots were full for most steps
+    assert "ratio engine / today's loop: best engine row" in out
+    assert "skipped:" not in out
+
+
+def test_gpu_benchmark_time_limit_skips_rows_and_says_so():
+    out = run_module("benchmarks.gpu", "--tiny", "--engine", "--max-minutes", "0")
+    assert "| mix path |" in out and "| path | clips |" not in out  # --engine: the comparison only
+    skipped = [line for line in out.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped) == 4 and all("--max-minutes 0" in line for line in skipped)
+    assert "ratio engine / today's loop: n/a" in out
+
+
+def test_gpu_benchmark_refuses_another_transformers(monkeypatch):
+    import transformers
+
+    from benchmarks.gpu import PINNED_TRANSFORMERS, check_versions
+    from model.engine import EXPECTED_TRANSFORMERS
+
+    assert PINNED_TRANSFORMERS == EXPECTED_TRANSFORMERS == transformers.__version__
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(SystemExit, match=r"transformers 5.17.0.*pinned wheels.*\.whl"):
+        check_versions()
 
 
 def test_pipeline_benchmark_quick_mode():
@@ -93,3 +134,12 @@ def tiny_dir(tmp_path_factory):
     from model.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bench"), seed=0)
+
+
+def test_boundaries_benchmark_small_run():
+    out = run_module("benchmarks.boundaries", "--shards", "2", "--clips-per-shard", "2", "--en-min", "4",
+                     "--en-max", "8", "--slots", "2")
+    rows = table_rows(out, "| mode | seconds")
+    assert [r[0] for r in rows] == ["drain", "overlap"] and rows[0][3] == "1.00x"
+    for row in rows:
+        assert float(row[2]) > 0 and 0 < float(row[4]) <= 1

@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,9 +129,13 @@ class CaptionService:
         self.reading = threading.Lock()  # one shard reads and decodes at a time; the engine is shared
         self._en_ids = captioner.loaded.tokenizer(captioner.prompt_en)["input_ids"]
         self._direct_ids = captioner.loaded.tokenizer(captioner.prompt_zh_direct)["input_ids"]
+        self._closed = False
         self._thread: threading.Thread | None = None
         if threaded:
-            self._thread = threading.Thread(target=self._loop, name="caption-engine", daemon=True)
+            # The thread holds the service only through a weak reference between iterations, so a service
+            # (and its model) nobody uses any more is freed, and its thread ends.
+            self._thread = threading.Thread(target=CaptionService._loop, args=(weakref.ref(self),),
+                                            name="caption-engine", daemon=True)
             self._thread.start()
 
     def _new_engine(self) -> CaptionEngine:
@@ -173,23 +178,37 @@ class CaptionService:
 
     # ---- model thread
 
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                t = time.perf_counter()
-                self._cv.wait_for(lambda: self._inbox or self._busy(), timeout=1.0)
-                self.stats.idle_s += time.perf_counter() - t
-            t = time.perf_counter()
-            try:
-                self._work()
-            except BaseException as e:  # never silently: the shards waiting on it raise with this
-                log.exception("captioning engine thread failed")
-                with self._cv:
-                    self._error = e
-                    self._cv.notify_all()
+    @staticmethod
+    def _loop(ref: weakref.ReferenceType[CaptionService]) -> None:
+        while (self := ref()) is not None and not self._closed:
+            if not self._iterate():
                 return
-            finally:
-                self.stats.model_s += time.perf_counter() - t
+            del self
+
+    def _iterate(self) -> bool:
+        """Wait (up to 1 s) for work, then one round of it; False when the thread must end."""
+        with self._cv:
+            t = time.perf_counter()
+            self._cv.wait_for(lambda: self._inbox or self._busy() or self._closed, timeout=1.0)
+            self.stats.idle_s += time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            self._work()
+        except BaseException as e:  # never silently: the shards waiting on it raise with this
+            log.exception("captioning engine thread failed")
+            with self._cv:
+                self._error = e
+                self._cv.notify_all()
+            return False
+        finally:
+            self.stats.model_s += time.perf_counter() - t
+        return True
+
+    def close(self) -> None:
+        """End the model thread (clips still queued are not captioned)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
 
     def _busy(self) -> bool:
         return self.engine.busy or bool(self._mt)

@@ -144,3 +144,17 @@ def test_a_cancelled_ticket_gets_no_rows_and_frees_the_queue(art, tmp_path):
         other.wait(timeout=1)
         service.raise_if_failed()
     assert ticket.take() == [] and [r["key"] for r in other.take()] == [s.key]
+
+
+def test_a_service_nobody_holds_is_freed_and_its_thread_ends(art, tmp_path):
+    import gc
+    import weakref
+
+    root, ckpt, mt, _, _ = art
+    service = CaptionService(Captioner(make_manifest(root, ckpt, mt, tmp_path / "out")), num_slots=2)
+    thread, ref = service._thread, weakref.ref(service)
+    assert thread.is_alive()
+    del service
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and ref() is None, "the model thread kept the service (and its model) alive"

@@ -44,8 +44,10 @@ class ShardCaptioner:
             self.captioner = Captioner(m)
             self.service = CaptionService(self.captioner)
             self.store = OutputStore(m.output, m.storage)
+            model = self.captioner.description  # frames sampled and sized as this checkpoint takes them
             self.decode_pool = DecodePool(workers=m.decode.workers, max_ahead=m.decode.max_ahead,
-                                          mode=m.decode.mode, timeout_s=m.decode.timeout_s)
+                                          mode=m.decode.mode, timeout_s=m.decode.timeout_s,
+                                          num_frames=model.num_frames, size=model.image_size)
         except Exception as e:
             self.init_error = f"{type(e).__name__}: {_one_line(e)}"
             self.log.error("ShardCaptioner could not start: %s", self.init_error)

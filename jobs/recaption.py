@@ -88,11 +88,11 @@ def apply_overrides(m: Manifest, args: argparse.Namespace) -> Manifest:
 
 
 def prompt_version_of(m: Manifest) -> str:
-    # The driver knows the prompt version without loading weights: the template comes from config.json.
-    from model.prompts import template_for_model_dir
-    from pipeline.captioning import prompt_version_for
+    """The prompt version of the job's rows, without loading weights: from the checkpoint's description, as
+    the actors' captioners compute it (model/describe.py)."""
+    from model.describe import describe_checkpoint
 
-    return prompt_version_for(m, template_for_model_dir(m.model.path))
+    return describe_checkpoint(m.model.path).prompts(m.prompts).version
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -149,15 +149,15 @@ class Task:
 
 def prompt_texts(m: Manifest) -> dict[str, str]:
     """The prompt wordings in effect (manifest's or the template's defaults), for the dataset card."""
-    from model.prompts import template_for_model_dir
+    from model.describe import describe_checkpoint
 
-    t = template_for_model_dir(m.model.path)
-    texts = {"en": m.prompts.en or t.default_question_en}
+    p = describe_checkpoint(m.model.path).prompts(m.prompts)
+    texts = {"en": p.en}
     if "zh" in m.languages:
         if m.zh.mode == "direct":
-            texts["zh_direct"] = m.prompts.zh_direct or t.default_question_zh
+            texts["zh_direct"] = p.zh_direct
         elif m.zh.mode == "translate":
-            texts["zh_translate"] = m.prompts.zh_translate or t.default_translate_zh
+            texts["zh_translate"] = p.zh_translate
     return texts
 
 
@@ -396,7 +396,10 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
         if lease.lost.is_set() and not stop.requested:
             return EXIT_USAGE
         return stop.exit_code
-    write_dataset_card(store, store.read_json(store.path(JOB_FILE)), prompt_texts(m))
+    from model.describe import describe_checkpoint
+
+    write_dataset_card(store, store.read_json(store.path(JOB_FILE)), prompt_texts(m),
+                       description=describe_checkpoint(m.model.path))
     return _finish(store, names, failed)
 
 

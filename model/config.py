@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from transformers import CLIPVisionConfig, LlamaConfig
+if TYPE_CHECKING:
+    # transformers is imported only where its configs are built: the job driver reads config.json
+    # (model/describe.py) and must not wait for it.
+    from transformers import CLIPVisionConfig, LlamaConfig
 
 ACCEPTED_ARCHITECTURES = ("PllavaForConditionalGeneration", "MagicForConditionalGeneration")
 
@@ -260,12 +263,16 @@ class PllavaConfig:
 
     def llama_config(self, attn_implementation: str = "sdpa") -> LlamaConfig:
         """The language model's transformers config (Vicuna = Llama; Yi-34B = Llama with 8 KV heads)."""
+        from transformers import LlamaConfig
+
         fields = dict(self.text)
         if fields["num_key_value_heads"] is None:
             fields["num_key_value_heads"] = fields["num_attention_heads"]
         return LlamaConfig(**fields, use_cache=True, attn_implementation=attn_implementation)
 
     def clip_vision_config(self, attn_implementation: str = "sdpa") -> CLIPVisionConfig:
+        from transformers import CLIPVisionConfig
+
         return CLIPVisionConfig(**self.vision, attn_implementation=attn_implementation)
 
 

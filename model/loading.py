@@ -24,15 +24,20 @@ from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from model.config import Family, PllavaConfig, detect_family
+from model.describe import (
+    CLIP_MEAN,  # noqa: F401  (re-exported)
+    CLIP_STD,  # noqa: F401  (re-exported)
+    CheckpointError,
+    ModelDescription,
+    describe_checkpoint,
+)
 from model.pllava import PllavaModel
-from model.prompts import PromptTemplate, template_for
+from model.prompts import PromptTemplate
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LORA_ALPHA = 4.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PEFT_PREFIX = "language_model.base_model.model."
 # LoRA lives on the language model's q_proj/v_proj only (CLIP has q_proj/v_proj too: never touched).
@@ -44,10 +49,6 @@ _OPTIONAL = (
     "vision_tower.vision_model.post_layernorm.weight",
     "vision_tower.vision_model.post_layernorm.bias",
 )
-
-
-class CheckpointError(ValueError):
-    """The checkpoint directory does not hold what a PLLaVA checkpoint must hold."""
 
 
 @dataclass
@@ -259,22 +260,6 @@ def materialize_buffers(model: PllavaModel, device: torch.device) -> None:
         raise RuntimeError(f"buffers left on the meta device (transformers changed?): {left}")
 
 
-def _read_preprocessor(model_dir: Path, config: PllavaConfig) -> tuple[tuple, tuple, int]:
-    path = model_dir / "preprocessor_config.json"
-    raw = json.loads(path.read_text()) if path.is_file() else {}
-    mean = tuple(raw.get("image_mean", CLIP_MEAN))
-    std = tuple(raw.get("image_std", CLIP_STD))
-    if len(mean) != 3 or len(std) != 3:
-        raise CheckpointError(f"{path}: image_mean and image_std must have 3 values")
-    crop = raw.get("crop_size", config.vision["image_size"])
-    size = crop.get("height") if isinstance(crop, dict) else crop
-    if size != config.vision["image_size"]:
-        raise CheckpointError(
-            f"{path}: crop size {size} differs from the CLIP image size {config.vision['image_size']}"
-        )
-    return mean, std, size  # type: ignore[return-value]
-
-
 def load_tokenizer(model_dir: Path, config: PllavaConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     tokenizer.padding_side = "left"  # batched generation needs the prompts to end together
@@ -329,6 +314,7 @@ def load_pllava(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     allow_pickle: bool = False,
+    description: ModelDescription | None = None,
 ) -> LoadedPllava:
     """Loads a PLLaVA checkpoint directory for inference.
 
@@ -338,15 +324,24 @@ def load_pllava(
     lora_alpha: inference alpha for the unmerged LoRA (scale alpha/r; r read off the lora_A shapes).
     None means the alpha recorded in adapter_config.json (an error without one). Ignored, with a warning
     when not the default, for checkpoints saved already merged.
+
+    description: `describe_checkpoint(model_dir)` when the caller has it already (it is read otherwise). The
+    template, image mean/std and crop size come from it; the tokenizer must agree with its model family.
     """
     model_dir = Path(model_dir)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if torch_dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     device = torch.device(device)
-    config = PllavaConfig.from_dir(model_dir)
+    description = description or describe_checkpoint(model_dir)
+    config = description.config
     tokenizer = load_tokenizer(model_dir, config)
     family = detect_family(config, tokenizer.get_vocab())
+    if family != description.family:
+        raise CheckpointError(
+            f"{model_dir}: the tokenizer is a {family} tokenizer, but its files and config.json describe a "
+            f"{description.family} checkpoint"
+        )
 
     has_safetensors = (model_dir / "model.safetensors.index.json").is_file() or (
         model_dir / "model.safetensors"
@@ -381,17 +376,16 @@ def load_pllava(
             )
     model = build_model(config, base, device, attn_implementation)
 
-    mean, std, size = _read_preprocessor(model_dir, config)
     return LoadedPllava(
         model=model,
         tokenizer=tokenizer,
         config=config,
         family=family,
-        name=config.name_or_path or model_dir.resolve().name,
+        name=description.name,
         lora_alpha=used_alpha,
         lora_rank=rank,
-        template=template_for(family),
-        image_mean=mean,
-        image_std=std,
-        image_size=size,
+        template=description.template,
+        image_mean=description.image_mean,
+        image_std=description.image_std,
+        image_size=description.image_size,
     )

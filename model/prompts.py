@@ -5,16 +5,16 @@ Vicuna (PLLaVA 7B/13B, as the reference's `conv_eval_vcg`):
 ChatML (PLLaVA 34B on Yi, as the reference's `*_llavanext` templates):
     "<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n"
 `prompt_version` ("{template version}/{wording version}", e.g. "vicuna-v1/recaption-v1") goes into every output
-row, so a change of the format or of the default wording shows up in the job fingerprint.
+row, so a change of the format or of the default wording shows up in the job fingerprint. Which template a
+checkpoint uses, and the wording in effect for a manifest's prompts, are decided by model/describe.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
-from model.config import Family, PllavaConfig, detect_family
+from model.config import Family
 
 IMAGE_TOKEN = "<image>"
 
@@ -97,18 +97,3 @@ def template_for(family: str) -> PromptTemplate:
         return CHATML
     raise ValueError(f"unknown model family {family!r} (expected 'vicuna' or 'chatml')")
 
-
-def template_for_model_dir(model_dir: str | Path) -> PromptTemplate:
-    """The template of a checkpoint directory without loading weights or the tokenizer (for the job driver).
-
-    Same decision as the loader: config.json, plus `<|im_start|>` among the tokenizer's tokens.
-    """
-    model_dir = Path(model_dir)
-    config = PllavaConfig.from_dir(model_dir)
-    vocab: dict[str, int] = {}
-    for name in ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json", "tokenizer.json"):
-        path = model_dir / name
-        if path.is_file() and "<|im_start|>" in path.read_text(encoding="utf-8", errors="replace"):
-            vocab["<|im_start|>"] = -1
-            break
-    return template_for(detect_family(config, vocab))

@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -147,7 +148,8 @@ def _tokenizer_files(tokenizer: Tokenizer, family: str) -> dict[str, dict]:
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
-def _tiny_config(family: str, vocab_size: int, image_token_index: int, name: str) -> dict:
+def _tiny_config(family: str, vocab_size: int, image_token_index: int, name: str, num_frames: int = 16,
+                 pooling_shape: tuple[int, int, int] = (16, 12, 12)) -> dict:
     text = {
         "_name_or_path": f"tiny-{family}",
         "architectures": ["LlamaForCausalLM"],
@@ -173,10 +175,10 @@ def _tiny_config(family: str, vocab_size: int, image_token_index: int, name: str
         "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
         "image_token_index": image_token_index,
         "model_type": "llava",
-        "num_frames": 16,
+        "num_frames": num_frames,
         "pad_token_id": 0,
         "pooling_method": "avg",
-        "pooling_shape": [16, 12, 12],
+        "pooling_shape": list(pooling_shape),
         "projector_hidden_act": "gelu",
         "register": False,
         "slide_pooling_shape": None,
@@ -291,14 +293,27 @@ def _write_shards(weights: dict[str, torch.Tensor], outdir: Path) -> None:
 
 
 def build_tiny_checkpoint(
-    outdir: str | Path, seed: int = 0, family: str = "vicuna", merged: bool = False, merge_alpha: float = 4.0
+    outdir: str | Path,
+    seed: int = 0,
+    family: str = "vicuna",
+    merged: bool = False,
+    merge_alpha: float = 4.0,
+    *,
+    num_frames: int = 16,
+    pooling_shape: tuple[int, int, int] | None = None,
+    image_mean: Sequence[float] = CLIP_MEAN,
+    image_std: Sequence[float] = CLIP_STD,
 ) -> Path:
     """Writes the tiny checkpoint into `outdir` (created) and returns it.
 
     merged=True writes the plain merged layout with W = W0 + (merge_alpha/r)*B@A.
+    num_frames / pooling_shape (default (num_frames, 12, 12)) go into config.json, image_mean / image_std
+    into preprocessor_config.json: checkpoints that sample or normalise frames otherwise than the released
+    ones (the weights do not depend on them).
     """
     if family not in ("vicuna", "chatml"):
         raise ValueError(f"family must be 'vicuna' or 'chatml', got {family!r}")
+    pooling_shape = (num_frames, 12, 12) if pooling_shape is None else tuple(pooling_shape)
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -312,16 +327,16 @@ def build_tiny_checkpoint(
     image_token_index = tokenizer.token_to_id("<image>")
     vocab_size = (tokenizer.get_vocab_size() + 63) // 64 * 64  # padded like Vicuna's 32064
     name = f"tiny-pllava-{family}{'-merged' if merged else ''}-seed{seed}"
-    config = _tiny_config(family, vocab_size, image_token_index, name)
+    config = _tiny_config(family, vocab_size, image_token_index, name, num_frames, pooling_shape)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     preprocessor = {
         "crop_size": {"height": 336, "width": 336},
         "do_center_crop": True,
         "do_normalize": True,
         "do_resize": True,
-        "image_mean": CLIP_MEAN,
+        "image_mean": list(image_mean),
         "image_processor_type": "CLIPImageProcessor",
-        "image_std": CLIP_STD,
+        "image_std": list(image_std),
         "resample": 3,
         "rescale_factor": 0.00392156862745098,
         "size": {"shortest_edge": 336},

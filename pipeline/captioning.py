@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.describe import describe_checkpoint
 from model.generation import Generation, generate_captions, generate_text
 from model.loading import load_pllava
 from pipeline.chinese import normalize_zh
@@ -53,6 +54,9 @@ class Captioner:
         self.ignore_eos = ignore_eos
         self.device = resolve_device(m.model.device)
         dtype = m.model.dtype if self.device != "cpu" else "float32"  # bf16/fp16 matmuls are slow on CPUs
+        # The checkpoint's facts, decided once (model/describe.py): decode settings, mean/std, prompts. The
+        # driver computes the same description for the fingerprint and the dataset card.
+        self.description = describe_checkpoint(m.model.path)
         self.loaded = load_pllava(
             m.model.path,
             lora_alpha=m.model.lora_alpha,
@@ -60,30 +64,31 @@ class Captioner:
             device=self.device,
             attn_implementation=m.model.attn_implementation,
             allow_pickle=m.model.allow_pickle,
+            description=self.description,
         )
-        template = self.loaded.template
-        self.prompt_en = template.format(m.prompts.en or template.default_question_en, with_image=True)
+        template = self.description.template
+        self.prompts = self.description.prompts(m.prompts)
+        self.prompt_en = template.format(self.prompts.en, with_image=True)
         self.want_zh = "zh" in m.languages
         self.zh_mode = m.zh.mode
-        self.prompt_zh_direct = template.format(m.prompts.zh_direct or template.default_question_zh,
-                                                with_image=True)
-        self.zh_translate_question = m.prompts.zh_translate or template.default_translate_zh
+        self.prompt_zh_direct = template.format(self.prompts.zh_direct, with_image=True)
+        self.zh_translate_question = self.prompts.zh_translate
         self.translator = None
         if self.want_zh and self.zh_mode == "mt":
             from model.translation import load_translator
 
             self.translator = load_translator(m.zh.mt_model, dtype=dtype, device=self.device,
                                               source_prefix=m.zh.mt_source_prefix)
-        self.prompt_version = prompt_version_for(m, template)
+        self.prompt_version = self.prompts.version
         self.model_name = self.loaded.name
         self.lora_alpha = self.loaded.lora_alpha
         self.stats = CaptionStats()
-        self._echo_texts = [t for t in (template.system, m.prompts.en or template.default_question_en) if t]
+        self._echo_texts = [t for t in (template.system, self.prompts.en) if t]
         # Chinese echo: the instruction of the pass that wrote it (never the English caption itself, which a
         # faithful translation legitimately overlaps).
         instruction = self.zh_translate_question.replace("{caption}", "")
         self._echo_texts_zh = [t for t in (template.system, template.text_system, instruction,
-                                           m.prompts.zh_direct or template.default_question_zh) if t.strip()]
+                                           self.prompts.zh_direct) if t.strip()]
 
     # ------------------------------------------------------------------------------------------
     def caption_batch(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
@@ -148,15 +153,20 @@ class Captioner:
     def encode(self, items: list[tuple[Sample, DecodedClip]]) -> torch.Tensor:
         """Visual features (B, N, D) of decoded clips: uint8 frames normalised on the model's device, CLIP,
         projector, pooling."""
-        frames = torch.from_numpy(np.stack([clip.frames for _, clip in items]))  # (B, T, 336, 336, 3) uint8
+        d = self.description
+        frames = torch.from_numpy(np.stack([clip.frames for _, clip in items]))  # (B, T, S, S, 3) uint8
+        if frames.shape[2:] != (d.image_size, d.image_size, 3) or not 1 <= frames.shape[1] <= d.num_frames:
+            raise ValueError(f"decoded frames of shape {tuple(frames.shape[1:])}; the model takes up to "
+                             f"{d.num_frames} frames of {d.image_size}x{d.image_size} (decode with the model "
+                             "description's num_frames and image_size)")
         if self.device != "cpu":
             frames = frames.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
-            return self.loaded.model.encode_videos(normalize_frames(frames))
+            return self.loaded.model.encode_videos(normalize_frames(frames, d.image_mean, d.image_std))
 
     def translate_prompt(self, caption_en: str) -> str:
         """The text-only prompt of the `translate` pass for one English caption."""
-        return self.loaded.template.format(self.zh_translate_question.replace("{caption}", caption_en),
+        return self.description.template.format(self.zh_translate_question.replace("{caption}", caption_en),
                                            with_image=False)
 
     def _chinese(self, features: torch.Tensor, captions_en: list[str]) -> list[tuple[str, int, bool]]:
@@ -181,17 +191,6 @@ class Captioner:
             for i, g in zip(todo, out):
                 results[i] = (g.text, g.num_tokens, g.hit_max_new_tokens)
         return results
-
-
-def prompt_version_for(m: Manifest, template: Any) -> str:
-    """The template's version plus a short hash of any custom wording, so edited prompts are visible."""
-    import hashlib
-
-    custom = [m.prompts.en, m.prompts.zh_direct, m.prompts.zh_translate]
-    if not any(custom):
-        return template.prompt_version
-    digest = hashlib.sha256(repr(custom).encode()).hexdigest()[:8]
-    return f"{template.prompt_version}+custom-{digest}"
 
 
 def base_row(sample: Sample, clip: DecodedClip | DecodeFailure | None, ctx: Any, *, status: str,

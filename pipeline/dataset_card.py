@@ -4,12 +4,16 @@ knows how the captions were made (model, α, prompts, frame sampling, counts, so
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import yaml
 
+from model.describe import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, NUM_FRAMES
 from pipeline.writing import SCHEMA, OutputStore
+
+if TYPE_CHECKING:
+    from model.describe import ModelDescription
 
 CARD_FILE = "README.md"
 
@@ -33,8 +37,23 @@ def collect_counts(store: OutputStore) -> tuple[Counter, Counter, int]:
     return statuses, flags, len(files)
 
 
+def frames_lines(description: ModelDescription | None) -> list[str]:
+    """How clips became the model's input: the checkpoint's frame count, crop, mean/std and pooling (the
+    released checkpoints' when `description` is None)."""
+    n, size = (description.num_frames, description.image_size) if description else (NUM_FRAMES, IMAGE_SIZE)
+    mean, std = (description.image_mean, description.image_std) if description else (CLIP_MEAN, CLIP_STD)
+    pooling = description.pooling_shape if description else (NUM_FRAMES, 12, 12)
+    lines = [
+        f"- Frames: {n} per clip, the middle frame of {n} equal segments (PLLaVA's sampling), resized to {size}",
+        f"  on the short side and center-cropped; visual tokens pooled to {'×'.join(map(str, pooling))}.",
+    ]
+    if (tuple(mean), tuple(std)) != (CLIP_MEAN, CLIP_STD):
+        lines.append(f"- Pixel normalisation: mean {list(mean)}, std {list(std)} (the checkpoint's)")
+    return lines
+
+
 def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards: int,
-                prompts: dict[str, str]) -> str:
+                prompts: dict[str, str], description: ModelDescription | None = None) -> str:
     manifest = job["manifest"]
     parts = job.get("fingerprint_parts", {})
     languages = manifest.get("languages", ["en"])
@@ -63,8 +82,7 @@ def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards
         f"- Model: `{parts.get('model', model.get('path'))}` (PLLaVA), dtype {model.get('dtype')}",
         f"- LoRA inference alpha: {model.get('lora_alpha')} (post-training optimization; merged at load)",
         f"- Prompt version: `{parts.get('prompt_version')}`",
-        "- Frames: 16 per clip, the middle frame of 16 equal segments (PLLaVA's sampling), resized to 336",
-        "  on the short side and center-cropped; visual tokens pooled to 16×12×12.",
+        *frames_lines(description),
         f"- Generation: greedy, max_new_tokens {gen.get('max_new_tokens')},"
         f" repetition_penalty {gen.get('repetition_penalty')}",
         f"- Languages: {', '.join(languages)}",
@@ -98,8 +116,11 @@ def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards
     return "\n".join(lines)
 
 
-def write_dataset_card(store: OutputStore, job: dict[str, Any], prompts: dict[str, str]) -> str:
+def write_dataset_card(store: OutputStore, job: dict[str, Any], prompts: dict[str, str],
+                       description: ModelDescription | None = None) -> str:
+    """`prompts`: the wording in effect; `description`: the checkpoint's, for the frame facts (the
+    released checkpoints' 16 frames, 336 px, CLIP mean/std and 16×12×12 pooling when None)."""
     statuses, flags, n_shards = collect_counts(store)
-    text = render_card(job, statuses, flags, n_shards, prompts)
+    text = render_card(job, statuses, flags, n_shards, prompts, description)
     store.write_atomic(store.path(CARD_FILE), text.encode())
     return text

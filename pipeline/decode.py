@@ -133,8 +133,9 @@ class DecodePool:
     """Decode clips ahead of the consumer; see the module docstring.
 
     ``workers`` decoders; ``max_ahead`` samples at most between input and output; ``timeout_s`` per clip;
-    ``memory_headroom`` bytes of address space each decoder process may add after start-up (process mode;
-    None: no cap).
+    ``num_frames`` frames per clip, cropped to ``size`` px: the model's (``ModelDescription.num_frames`` and
+    ``.image_size``; the defaults are the released checkpoints' 16 and 336); ``memory_headroom`` bytes of
+    address space each decoder process may add after start-up (process mode; None: no cap).
     """
 
     def __init__(

@@ -1,4 +1,8 @@
-"""From mp4 bytes to PLLaVA's input: 16 frames, 336×336, RGB, CLIP-normalised (DESIGN §3).
+"""From mp4 bytes to PLLaVA's input: N frames, S×S, RGB, normalised (DESIGN §3).
+
+N, S and the mean/std are the checkpoint's (``model.describe.ModelDescription``: ``num_frames``,
+``image_size``, ``image_mean``/``image_std``); the defaults here are the released checkpoints' (16 frames,
+336 px, CLIP's mean/std).
 
 ``decode_clip`` never raises: a clip that cannot be decoded is a ``DecodeFailure`` with a readable reason.
 Decoding is split in two so that a decoder process only ships uint8 frames (5.4 MB per clip instead of
@@ -10,18 +14,18 @@ batch on the model's device. A hang or a crash inside the decoder (C code) canno
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model.describe import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, NUM_FRAMES
+
 if TYPE_CHECKING:
     import torch
 
-NUM_FRAMES = 16
-SIZE = 336
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIZE = IMAGE_SIZE
 # Refuse clips that no Panda-70M clip is before spending time and memory on them. Frames are resized
 # while decoding, but the decoder still holds full-size reference frames: 8192x4320 (H.264/HEVC level 6.2,
 # "8K") bounds those. Panda clips last seconds; sampling 16 frames of a long clip with one keyframe means
@@ -59,7 +63,7 @@ class DecodeFailure:
 
 @dataclass
 class DecodedClip:
-    """A decoded clip: 16 sampled, resized and center-cropped frames, and what was learnt about the source.
+    """A decoded clip: N sampled, resized and center-cropped frames, and what was learnt about the source.
 
     ``width``/``height``/``num_frames`` describe the source clip. The frames stay uint8 until the model
     batch is built (``normalize_frames`` on the model's device): a quarter of the bytes to ship from a
@@ -76,18 +80,22 @@ class DecodedClip:
 
     @property
     def pixel_values(self) -> torch.Tensor:
-        """(T, 3, size, size) float32, CLIP-normalised."""
+        """(T, 3, size, size) float32, normalised with CLIP's mean/std (the captioner uses the checkpoint's)."""
         import torch  # here, not at the top: decoder processes import this module and need no torch
 
         return normalize_frames(torch.from_numpy(self.frames))
 
 
-def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB (..., H, W, 3) → float32 (..., 3, H, W): / 255, then CLIP mean and std, on frames' device."""
+def normalize_frames(frames: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
+                     std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """uint8 RGB (..., H, W, 3) → float32 (..., 3, H, W): / 255, then ``mean`` and ``std`` per channel (the
+    checkpoint's ``image_mean``/``image_std``; CLIP's by default), on frames' device."""
     import torch
 
-    scale = torch.tensor([1 / (255 * s) for s in CLIP_STD], device=frames.device).view(3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=frames.device).view(3, 1, 1)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
+    scale = torch.tensor([1 / (255 * s) for s in std], device=frames.device).view(3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=frames.device).view(3, 1, 1)
     pixels = frames.movedim(-1, -3)  # (..., 3, H, W) uint8, a view
     out = torch.empty(pixels.shape, dtype=torch.float32, device=frames.device).copy_(pixels)
     return out.mul_(scale).add_(shift)

@@ -1,6 +1,7 @@
 import pytest
 
-from model.prompts import CHATML, SYSTEM_VIDEO, VICUNA, template_for, template_for_model_dir
+from model.describe import describe_checkpoint
+from model.prompts import CHATML, SYSTEM_VIDEO, VICUNA, template_for
 
 
 def test_vicuna_template():
@@ -43,5 +44,5 @@ def test_template_by_family_and_by_directory(tiny_dir, tiny_chatml_dir):
     assert template_for("vicuna") is VICUNA and template_for("chatml") is CHATML
     with pytest.raises(ValueError, match="unknown model family"):
         template_for("mistral")
-    assert template_for_model_dir(tiny_dir) is VICUNA
-    assert template_for_model_dir(tiny_chatml_dir) is CHATML
+    assert describe_checkpoint(tiny_dir).template is VICUNA
+    assert describe_checkpoint(tiny_chatml_dir).template is CHATML

@@ -50,7 +50,8 @@ def make_manifest(root, ckpt, mt, out, **over):
 def run(m, captioner=None):
     captioner = captioner or Captioner(m)
     store = OutputStore(m.output)
-    with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
+    d = captioner.description  # as the actor builds its pool: the checkpoint's frame count and crop
+    with DecodePool(workers=1, max_ahead=4, mode="thread", num_frames=d.num_frames, size=d.image_size) as pool:
         run_shard(m.shards[0], "00000", store=store, captioner=captioner, decode_pool=pool, attempt=1,
                   file_metadata={})
     return pq.read_table(f"{m.output}/data/00000.parquet").to_pylist(), captioner
@@ -191,3 +192,82 @@ def test_batched_normalisation_equals_per_clip_pixel_values(artefacts, tmp_path)
         clips = [c for _, c in pool.imap(ShardReader(m.shards[0])) if hasattr(c, "frames")]
     batched = normalize_frames(torch.from_numpy(np.stack([c.frames for c in clips])))
     assert torch.equal(batched, torch.stack([c.pixel_values for c in clips]))
+
+
+# ------------------------------------------------------------------ checkpoints that are not the released 16x336 CLIP
+
+OTHER_MEAN, OTHER_STD = (0.5, 0.25, 0.75), (0.2, 0.4, 0.3)
+
+
+@pytest.fixture(scope="module")
+def other_checkpoints(artefacts):
+    from model.tiny import build_tiny_checkpoint
+
+    root = artefacts[0]
+    eight = build_tiny_checkpoint(root / "pllava-8f", seed=0, num_frames=8, pooling_shape=(8, 12, 12))
+    norm = build_tiny_checkpoint(root / "pllava-norm", seed=0, image_mean=OTHER_MEAN, image_std=OTHER_STD)
+    return eight, norm
+
+
+def _assert_captioned(rows, planted):
+    """Every clip planted good is captioned (never `error`); the planted failures keep their status."""
+    assert sorted(r["key"] for r in rows) == sorted(planted["00000"])
+    for r in rows:
+        if planted["00000"][r["key"]] == "ok":
+            assert r["status"] in ("ok", "flagged") and r["caption_en"] is not None, r
+        else:
+            assert r["status"] == planted["00000"][r["key"]], r
+
+
+def test_an_8_frame_checkpoint_samples_and_captions_8_frames(artefacts, other_checkpoints, tmp_path):
+    root, _, mt, planted = artefacts
+    eight, _ = other_checkpoints
+    m = make_manifest(root, eight, mt, tmp_path / "out", languages=["en"])
+    captioner = Captioner(m)
+    assert (captioner.description.num_frames, captioner.description.pooling_shape) == (8, (8, 12, 12))
+    shapes = []
+    encode = captioner.loaded.model.encode_videos
+    captioner.loaded.model.encode_videos = lambda pixels: shapes.append(tuple(pixels.shape[1:])) or encode(pixels)
+    rows, _ = run(m, captioner)
+    _assert_captioned(rows, planted)
+    captioned = [r for r in rows if r["status"] in ("ok", "flagged")]
+    assert captioned and all(len(r["frame_indices"]) == 8 for r in captioned)
+    assert shapes and set(shapes) == {(8, 3, 336, 336)}
+
+
+def test_16_frames_into_an_8_frame_model_are_refused_with_the_reason(artefacts, other_checkpoints, tmp_path):
+    root, _, mt, _ = artefacts
+    m = make_manifest(root, other_checkpoints[0], mt, tmp_path / "out", languages=["en"])
+    captioner = Captioner(m)
+    with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:  # the released 16 frames
+        item = next((s, c) for s, c in pool.imap(ShardReader(m.shards[0])) if hasattr(c, "frames"))
+    row = captioner.caption_batch([item])[0]
+    assert row["status"] == "error" and "the model takes up to 8 frames of 336x336" in row["error"]
+
+
+def test_the_checkpoints_mean_and_std_normalise_the_frames(artefacts, other_checkpoints, tmp_path):
+    import torch
+
+    from pipeline.frames import normalize_frames
+
+    root, _, mt, planted = artefacts
+    _, norm = other_checkpoints
+    m = make_manifest(root, norm, mt, tmp_path / "out", languages=["en"])
+    captioner = Captioner(m)
+    assert captioner.description.image_mean == OTHER_MEAN and captioner.description.image_std == OTHER_STD
+    fed = []
+    encode = captioner.loaded.model.encode_videos
+    captioner.loaded.model.encode_videos = lambda pixels: fed.append(pixels) or encode(pixels)
+    with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
+        sample, clip = next((s, c) for s, c in pool.imap(ShardReader(m.shards[0])) if hasattr(c, "frames"))
+    captioner.encode([(sample, clip)])
+    # By hand: / 255, minus the checkpoint's mean, over its std, per RGB channel.
+    x = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).double() / 255
+    expected = (x - torch.tensor(OTHER_MEAN, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(
+        OTHER_STD, dtype=torch.float64).view(3, 1, 1)
+    assert len(fed) == 1 and fed[0].shape == (1, 16, 3, 336, 336)
+    assert torch.allclose(fed[0][0].double(), expected, atol=1e-5)
+    with_clip_values = normalize_frames(torch.from_numpy(clip.frames))
+    assert (fed[0][0] - with_clip_values).abs().max() > 0.1  # not the default CLIP normalisation
+    rows, _ = run(m, captioner)
+    _assert_captioned(rows, planted)

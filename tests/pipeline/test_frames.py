@@ -20,6 +20,7 @@ from pipeline.frames import (
     DecodedClip,
     DecodeFailure,
     decode_clip,
+    normalize_frames,
     resized_size,
     sample_frame_indices,
 )
@@ -83,6 +84,20 @@ def test_from_frames_normalises_like_clip() -> None:
     assert clip.pixel_values.shape == (16, 3, 4, 4) and clip.pixel_values.dtype == torch.float32
     expected = [(v / 255 - m) / s for v, m, s in zip((255, 0, 128), CLIP_MEAN, CLIP_STD)]
     assert torch.allclose(clip.pixel_values[3, :, 2, 1], torch.tensor(expected), atol=1e-6)
+
+
+def test_normalize_frames_takes_the_checkpoints_mean_and_std() -> None:
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 8, 5, 5, 3), dtype=np.uint8))
+    mean, std = (0.5, 0.25, 0.75), (0.2, 0.4, 0.3)
+    out = normalize_frames(frames, mean, std)
+    x = frames.permute(0, 1, 4, 2, 3).double() / 255
+    expected = (x - torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float64).view(3, 1, 1)
+    assert out.shape == (2, 8, 3, 5, 5) and out.dtype == torch.float32
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert torch.equal(normalize_frames(frames), normalize_frames(frames, CLIP_MEAN, CLIP_STD))
+    with pytest.raises(ValueError, match="3 values"):
+        normalize_frames(frames, (0.5, 0.5), std)
 
 
 def _reference(mp4: bytes) -> torch.Tensor:

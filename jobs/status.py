@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -197,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.output} is not a job output (no {JOB_FILE})", file=sys.stderr)
         return 2
     report = collect_status(store)
-    print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
+    try:
+        print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report), flush=True)
+    except BrokenPipeError:  # `recaption status OUT | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -24,16 +24,18 @@ from typing import Any
 import numpy as np
 
 from pipeline.progress import JOB_FILE, read_shard_list
+from pipeline.rows import COLUMNS, STATUSES
 from pipeline.shards import ShardReader, ShardReadError, expand_shard_spec, shard_name
-from pipeline.writing import STATUSES, OutputStore
+from pipeline.writing import OutputStore
 
 DEFAULT_SAMPLE = 24
 THUMBS_PER_CLIP = 4
 THUMB_WIDTH = 160
 CSP_META = ('<meta http-equiv="Content-Security-Policy" '
             "content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">")
-CARD_COLUMNS = ["key", "shard", "video_id", "clip_start_s", "clip_end_s", "source_caption", "caption_en",
-                "caption_zh", "status", "error", "caption_flags", "frame_indices", "width", "height"]
+# The row's columns (pipeline/rows.py) a card shows: all but the per-job constants and decode/token details.
+CARD_COLUMNS = [c for c in COLUMNS if c not in {"url", "num_frames", "fps", "duration_s", "tokens_en", "tokens_zh",
+                                                 "model", "lora_alpha", "prompt_version"}]
 
 
 @dataclass

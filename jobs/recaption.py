@@ -36,6 +36,7 @@ from pipeline.progress import (
     record_failure,
     write_shard_list,
 )
+from pipeline.retry import RetryPolicy
 from pipeline.shards import ShardReadError, expand_shard_spec
 from pipeline.writing import META_CONFIG, META_FINGERPRINT, OutputStore
 
@@ -273,12 +274,9 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
         META_CONFIG: json.dumps({"manifest": m.to_dict(), "fingerprint_parts": ident.parts}).encode(),
         META_FINGERPRINT: ident.fingerprint.encode(),
     }
-    # Actors open the output and the shards themselves: the manifest's storage settings reach them as the
-    # standard variables (endpoint and region only; credentials come from each node's own environment).
-    storage_env = {var: value for var, value in (("AWS_ENDPOINT_URL", m.storage.endpoint_url),
-                                                 ("AWS_REGION", m.storage.region)) if value}
-    actor_cls = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0,
-                                       **({"runtime_env": {"env_vars": storage_env}} if storage_env else {}))
+    # Actors open the output and the shards with the manifest's `storage` settings, passed explicitly
+    # (credentials never travel: each node's own environment, config or role provides them).
+    actor_cls = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)
 
     starting: dict[Any, Any] = {}  # ready() ref -> actor still loading the model
 
@@ -295,7 +293,8 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
     started: dict[Any, float] = {}
     # The actor enforces shard_timeout_s between samples; a shard stuck inside a read or a decode that never
     # returns is stopped here by killing its actor (then retried like any actor death).
-    watchdog_s = 1.5 * m.shard_timeout_s + 60
+    policy = RetryPolicy.from_manifest(m)
+    watchdog_s = policy.watchdog_s
     stalled: set[Any] = set()
     failed: list[str] = list(plan.failed_skipped)
     interrupted: list[str] = []
@@ -362,7 +361,7 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
                     dead.add(actor)
                     new_actor()
                 record_shard_failure()
-                if _retry_or_fail(store, task, reason, m.max_attempts, queue, failed, progress):
+                if _retry_or_fail(store, task, reason, policy, queue, failed, progress):
                     progress.shard_failed()
                 continue
             except RayTaskError as e:
@@ -372,7 +371,7 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
                     interrupted.append(task.shard)
                     progress.log("shard %s stopped: %s", task.shard, _first_line(cause))
                     continue
-                if _retry_or_fail(store, task, _first_line(cause), m.max_attempts, queue, failed, progress):
+                if _retry_or_fail(store, task, _first_line(cause), policy, queue, failed, progress):
                     progress.shard_failed()
                 continue
             idle.append(actor)
@@ -416,10 +415,10 @@ def _rows_in_flight(ray: Any, actors: list[Any]) -> int:
     return total
 
 
-def _retry_or_fail(store: OutputStore, task: Task, reason: str, max_attempts: int, queue: deque,
+def _retry_or_fail(store: OutputStore, task: Task, reason: str, policy: RetryPolicy, queue: deque,
                    failed: list[str], progress: ProgressReporter) -> bool:
     """Requeue the shard, or mark it failed after max_attempts; True when it is final."""
-    final = task.attempt >= max_attempts
+    final = policy.is_final(task.attempt)
     record_failure(store, task.shard, task.url, task.attempt, reason, final=final)
     if final:
         progress.log("shard %s FAILED after %d attempts: %s", task.shard, task.attempt, reason, level=logging.ERROR)

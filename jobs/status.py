@@ -1,7 +1,8 @@
 """`python -m jobs.status OUT [--json]`: per-shard state, rows by status, failed shards with reasons.
 
 Reads only files under OUT (progress files and the data files' row counts), so it works while a job
-runs, after it died, or from another machine.
+runs, after it died, or from another machine. The top reasons rows failed for, per job and per shard, come
+from the progress records alone (each shard's capped histogram, `pipeline.progress.ERROR_REASONS`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.lease import lease_alive, read_lease
-from pipeline.progress import JOB_FILE, read_shard_list, read_state, shard_status
+from pipeline.progress import ERROR_REASONS, JOB_FILE, read_shard_list, read_state, shard_status
+from pipeline.rows import top_reasons
 from pipeline.shards import expand_shard_spec, shard_name
 from pipeline.writing import OutputStore
 
 SHOWN_STATES = ("done", "running", "interrupted", "failed", "pending")
+TOP_REASONS_JOB = 10  # failure reasons listed for the whole job, most frequent first
+TOP_REASONS_SHARD = 3  # ... and per shard
 
 
 def listed_shards(store: OutputStore) -> tuple[list[str], list[str]]:
@@ -62,6 +66,7 @@ def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[s
     rows: Counter = Counter()
     by_state: Counter = Counter()
     records: dict[str, dict[str, Any]] = {}
+    reasons: Counter = Counter()
     for name in names:
         state = shard_status(store, name)
         record = read_state(store, name) or {}
@@ -78,6 +83,12 @@ def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[s
             info["rows"] = counts
         if record.get("truncated"):
             info["truncated"] = record["truncated"]
+        histogram = record.get(ERROR_REASONS)
+        top = top_reasons(histogram if isinstance(histogram, dict) else None)
+        if top:
+            reasons.update(dict(top))
+            info["error_reasons"] = dict(top)
+            info["top_error_reasons"] = [[k, n] for k, n in top[:TOP_REASONS_SHARD]]
         errors = record.get("errors") or []
         if errors:
             info["last_error"] = errors[-1]["reason"]
@@ -92,6 +103,8 @@ def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[s
         "driver": ({k: lease.get(k) for k in ("host", "pid", "since", "heartbeat_at")} if driver_alive else None),
         "shards_by_state": dict(by_state),
         "rows_by_status": dict(rows),
+        "error_reasons": dict(top_reasons(reasons)),
+        "top_error_reasons": [[k, n] for k, n in top_reasons(reasons, TOP_REASONS_JOB)],
         "shards": shards,
         "failed": {n: i.get("last_error") for n, i in shards.items() if i["state"] == "failed"},
         "not_in_latest_list": others,
@@ -166,6 +179,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("driver: none running")
     lines.append("shards: " + ", ".join(f"{s}={report['shards_by_state'].get(s, 0)}" for s in SHOWN_STATES))
     lines.append("rows:   " + (", ".join(f"{k}={v}" for k, v in sorted(report["rows_by_status"].items())) or "none"))
+    top = report.get("top_error_reasons") or []
+    if top:
+        lines.append("errors: " + _format_reasons(top, sum((report.get("error_reasons") or {}).values())))
     tp = report.get("throughput")
     if tp:
         lines.append(f"rate:   {tp['clips_per_s']:.2f} clips/s, {tp['shards_per_hour']:.1f} shards/hour over "
@@ -181,11 +197,20 @@ def format_report(report: dict[str, Any]) -> str:
         elif info.get("last_error"):
             extra += f" (last attempt failed: {info['last_error']})"
         lines.append(f"  {name:<20} {info['state']:<11}{extra}")
+        if info.get("top_error_reasons"):
+            lines.append(f"  {'':<20} errors: " + _format_reasons(info["top_error_reasons"],
+                                                               sum(info["error_reasons"].values())))
     others = report.get("not_in_latest_list") or []
     if others:
         shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
         lines.append(f"not in the latest run's shard list (kept, not counted above): {shown}")
     return "\n".join(lines)
+
+
+def _format_reasons(top: list[list[Any]], total: int) -> str:
+    shown = "; ".join(f"{n}× {reason}" for reason, n in top)
+    rest = total - sum(n for _, n in top)
+    return shown + (f"; {rest} more" if rest > 0 else "")
 
 
 def main(argv: list[str] | None = None) -> int:

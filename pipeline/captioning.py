@@ -21,6 +21,7 @@ from pipeline.chinese import normalize_zh
 from pipeline.frames import DecodedClip, DecodeFailure, normalize_frames
 from pipeline.manifest import Manifest
 from pipeline.quality import detect_flags
+from pipeline.rows import Failure, Row, Status, failure_row
 from pipeline.shards import Sample
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ class Captioner:
             if len(items) == 1:
                 sample, clip = items[0]
                 log.warning("captioning failed for key %s: %s", sample.key, e)
-                return [base_row(sample, clip, self, status="error", error=f"model error: {type(e).__name__}: {e}")]
+                failure = Failure("caption", f"model error: {type(e).__name__}: {e}")
+                return [failure_row(sample, failure, clip, ctx=self).to_dict()]
             log.warning("batch of %d failed (%s); retrying clip by clip", len(items), e)
             rows = []
             for item in items:
@@ -135,20 +137,20 @@ class Captioner:
         s = self.stats
         flags = set(detect_flags(g_en.text, language="en", prompt_texts=self._echo_texts,
                                  hit_max_new_tokens=g_en.hit_max_new_tokens))
-        row = base_row(sample, clip, self, status="ok")
-        row["caption_en"] = g_en.text
-        row["tokens_en"] = g_en.num_tokens
+        row = Row.for_sample(sample, clip, self, status=Status.OK)
+        row.caption_en = g_en.text
+        row.tokens_en = g_en.num_tokens
         s.tokens_en += g_en.num_tokens
         if zh is not None:
             text, n_tokens, hit_max = zh
-            row["caption_zh"] = normalize_zh(text, self.manifest.zh.variant)
-            row["tokens_zh"] = n_tokens
+            row.caption_zh = normalize_zh(text, self.manifest.zh.variant)
+            row.tokens_zh = n_tokens
             s.tokens_zh += n_tokens
-            flags |= set(detect_flags(row["caption_zh"], language="zh", prompt_texts=self._echo_texts_zh,
+            flags |= set(detect_flags(row.caption_zh, language="zh", prompt_texts=self._echo_texts_zh,
                                       hit_max_new_tokens=hit_max))
-        row["caption_flags"] = sorted(flags)
-        row["status"] = "flagged" if flags else "ok"
-        return row
+        row.caption_flags = sorted(flags)
+        row.status = Status.FLAGGED if flags else Status.OK
+        return row.to_dict()
 
     def encode(self, items: list[tuple[Sample, DecodedClip]]) -> torch.Tensor:
         """Visual features (B, N, D) of decoded clips: uint8 frames normalised on the model's device, CLIP,
@@ -195,30 +197,6 @@ class Captioner:
 
 def base_row(sample: Sample, clip: DecodedClip | DecodeFailure | None, ctx: Any, *, status: str,
              error: str | None = None) -> dict[str, Any]:
-    """A row with the sample's facts and, when decoded, the clip's; captions left empty."""
-    decoded = clip if isinstance(clip, DecodedClip) else None
-    return {
-        "key": sample.key,
-        "shard": sample.shard,
-        "video_id": sample.video_id,
-        "url": sample.url,
-        "clip_start_s": sample.clip_start_s,
-        "clip_end_s": sample.clip_end_s,
-        "source_caption": sample.source_caption,
-        "caption_en": None,
-        "caption_zh": None,
-        "status": status,
-        "error": error,
-        "caption_flags": [],
-        "frame_indices": list(decoded.frame_indices) if decoded else None,
-        "num_frames": decoded.num_frames if decoded else None,
-        "fps": decoded.fps if decoded else None,
-        "duration_s": decoded.duration_s if decoded else None,
-        "width": decoded.width if decoded else None,
-        "height": decoded.height if decoded else None,
-        "tokens_en": None,
-        "tokens_zh": None,
-        "model": ctx.model_name,
-        "lora_alpha": ctx.lora_alpha,
-        "prompt_version": ctx.prompt_version,
-    }
+    """A row (as a dict) with the sample's facts and, when decoded, the clip's; captions left empty. Kept for
+    callers of the dict API: new code builds `pipeline.rows.Row` / `failure_row`."""
+    return Row.for_sample(sample, clip, ctx, status=status, error=error).to_dict()

@@ -10,7 +10,8 @@ import pyarrow as pa
 import yaml
 
 from model.describe import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, NUM_FRAMES
-from pipeline.writing import SCHEMA, OutputStore
+from pipeline.rows import SCHEMA
+from pipeline.writing import OutputStore
 
 if TYPE_CHECKING:
     from model.describe import ModelDescription

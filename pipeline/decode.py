@@ -1,4 +1,4 @@
-"""A bounded decode pool that runs ahead of the model (DESIGN §3).
+"""A bounded decode pool that runs ahead of the model (docs/CONTRACTS.md, Frame sampling).
 
 ``DecodePool.imap(samples)`` yields ``(sample, DecodedClip | DecodeFailure | None)`` in input order: None
 for a sample without mp4. At most ``max_ahead`` samples are held between the input and the consumer,

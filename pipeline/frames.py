@@ -1,4 +1,4 @@
-"""From mp4 bytes to PLLaVA's input: N frames, S×S, RGB, normalised (DESIGN §3).
+"""From mp4 bytes to PLLaVA's input: N frames, S×S, RGB, normalised (docs/CONTRACTS.md, Frame sampling).
 
 N, S and the mean/std are the checkpoint's (``model.describe.ModelDescription``: ``num_frames``,
 ``image_size``, ``image_mean``/``image_std``); the defaults here are the released checkpoints' (16 frames,
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.describe import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, NUM_FRAMES
+from pipeline.failures import Failure
 
 if TYPE_CHECKING:
     import torch
@@ -54,11 +55,12 @@ def resized_size(width: int, height: int, size: int = SIZE) -> tuple[int, int]:
     return max(size, int(size * width / height)), size
 
 
-@dataclass
-class DecodeFailure:
-    """Why a clip could not be decoded, e.g. ``"empty mp4 (0 bytes)"``."""
+class DecodeFailure(Failure):
+    """Why a clip could not be decoded, e.g. ``"empty mp4 (0 bytes)"``: a ``pipeline.rows.Failure`` of stage
+    "decode" (its row's status is ``decode_error``)."""
 
-    reason: str
+    def __init__(self, reason: str):
+        super().__init__("decode", reason)
 
 
 @dataclass

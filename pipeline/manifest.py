@@ -80,6 +80,19 @@ class DecodeSpec:
 
 
 @dataclass(frozen=True)
+class RetrySpec:
+    """How hard the job retries below the shard level (the shard level is `max_attempts` and `shard_timeout_s`).
+    All of it is gathered, with those two, in `pipeline.retry.RetryPolicy`."""
+
+    stream_retries: int = 5  # reopen a remote shard stream this many times in a row without progress
+    stream_backoff_s: float = 0.5  # first wait between reopenings, doubled each time (capped at 10 s)
+    # The driver kills an actor whose shard runs past watchdog_factor x shard_timeout_s + watchdog_margin_s
+    # (the actor stops a shard at shard_timeout_s between samples; this catches one stuck inside a read).
+    watchdog_factor: float = 1.5
+    watchdog_margin_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class ResourceSpec:
     actors: int | None = None  # None: one per GPU in the cluster (or a CPU count when there are none)
     num_gpus_per_actor: float = 1.0
@@ -109,6 +122,7 @@ class Manifest:
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
+    retry: RetrySpec = field(default_factory=RetrySpec)
     chunk_size: int = 256
     max_attempts: int = 3
     # A shard running longer fails this attempt (committed chunks are kept; the retry resumes after them).
@@ -299,6 +313,8 @@ def _check_values(m: Manifest, source: str) -> None:
         ("chunk_size", m.chunk_size),
         ("shard_timeout_s", m.shard_timeout_s),
         ("max_attempts", m.max_attempts),
+        ("retry.stream_backoff_s", m.retry.stream_backoff_s),
+        ("retry.watchdog_factor", m.retry.watchdog_factor),
     ]
     if m.resources.actors is not None:
         positive.append(("resources.actors", m.resources.actors))
@@ -307,6 +323,8 @@ def _check_values(m: Manifest, source: str) -> None:
     for name, value in positive:
         if value <= 0:
             raise bad(name, f"must be > 0, got {value}")
+    if m.retry.stream_retries < 0 or m.retry.watchdog_margin_s < 0:
+        raise bad("retry", "stream_retries and watchdog_margin_s must be >= 0")
     if m.resources.num_gpus_per_actor < 0 or m.resources.num_cpus_per_actor < 0:
         raise bad("resources", "num_gpus_per_actor and num_cpus_per_actor must be >= 0")
     if m.generation.repetition_penalty is not None and m.generation.repetition_penalty <= 0:

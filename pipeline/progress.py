@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.manifest import Manifest, fingerprint
 from pipeline.model_identity import ModelIdentity, ModelPathError  # noqa: F401  (ModelPathError: re-exported)
 from pipeline.model_identity import model_identity as _content_identity
+from pipeline.rows import merge_reasons
 from pipeline.writing import OutputStore
 
 SHARD_STATES = ("done", "running", "failed", "pending")  # + "interrupted" in status: running, driver gone
@@ -178,15 +179,26 @@ def mark_running(store: OutputStore, shard: str, url: str, attempt: int, pid: in
                 started_at=time.time(), intervals=intervals, finished_at=None)
 
 
-def touch_running(store: OutputStore, shard: str) -> None:
-    """A chunk was committed: the shard's active span reaches now (rate and ETA use active time only)."""
-    write_state(store, shard)
+def touch_running(store: OutputStore, shard: str, error_reasons: dict[str, int] | None = None) -> None:
+    """A chunk was committed: the shard's active span reaches now (rate and ETA use active time only).
+    `error_reasons`, when given, replaces the record's histogram of failure reasons (see `ERROR_REASONS`)."""
+    write_state(store, shard, **_reasons_field(error_reasons))
 
 
 def mark_done(store: OutputStore, shard: str, counts: dict[str, int], truncated: str | None,
-              seconds: float) -> None:
+              seconds: float, error_reasons: dict[str, int] | None = None) -> None:
     write_state(store, shard, state="done", rows=dict(counts), truncated=truncated, seconds=round(seconds, 3),
-                pid=None, finished_at=time.time())
+                pid=None, finished_at=time.time(), **_reasons_field(error_reasons))
+
+
+# The state record's histogram of its committed rows' failure reasons: {"decode: could not read the mp4
+# container": 3, ...}, kinds as `pipeline.rows.Failure.kind`, at most rows.MAX_REASONS of them plus "other".
+# `recaption status` reports it without reading Parquet.
+ERROR_REASONS = "error_reasons"
+
+
+def _reasons_field(error_reasons: dict[str, int] | None) -> dict[str, Any]:
+    return {} if error_reasons is None else {ERROR_REASONS: merge_reasons(None, error_reasons)}
 
 
 def record_failure(store: OutputStore, shard: str, url: str, attempt: int, reason: str, final: bool) -> None:

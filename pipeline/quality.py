@@ -1,9 +1,9 @@
 """Per-row quality guards: name what is wrong with a generated caption instead of shipping it silently.
 
-Known failure modes of PLLaVA-style generation (DESIGN §4–§5): an empty answer, an answer that echoes
-the prompt or the chat template (wrong template or LoRA α), a greedy loop that repeats a phrase until
-`max_new_tokens`, and a caption in the wrong language. A row keeps its caption; its `caption_flags` say why it
-should not be trusted, and downstream training decides what to drop.
+Known failure modes of PLLaVA-style generation (docs/CONTRACTS.md, Output layout: the flags): an empty
+answer, an answer that echoes the prompt or the chat template (wrong template or LoRA α), a greedy loop that
+repeats a phrase until `max_new_tokens`, and a caption in the wrong language. A row keeps its caption; its
+`caption_flags` say why it should not be trusted, and downstream training decides what to drop.
 
 Text is measured in "tokens" that work for both languages: a run of letters/digits is one token
 (lower-cased), every CJK ideograph is one token (Chinese has no spaces, and a character is the unit a
@@ -17,12 +17,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-EMPTY = "empty"
-ECHO = "echo"
-REPETITION = "repetition"
-WRONG_LANGUAGE = "wrong_language"
-TRUNCATED = "truncated"
-FLAG_NAMES = (ECHO, EMPTY, REPETITION, TRUNCATED, WRONG_LANGUAGE)
+from pipeline.rows import FLAG_NAMES, Flag  # noqa: F401  (FLAG_NAMES: re-exported, sorted)
+
+# The flag names (pipeline.rows.Flag), as the plain strings a row's `caption_flags` holds.
+EMPTY = Flag.EMPTY.value
+ECHO = Flag.ECHO.value
+REPETITION = Flag.REPETITION.value
+WRONG_LANGUAGE = Flag.WRONG_LANGUAGE.value
+TRUNCATED = Flag.TRUNCATED.value
 
 # echo: a verbatim run of this many tokens from a prompt text. Captions share short phrases with the
 # question ("the video", "in detail") and may quote a few of its words; 8 consecutive words of one

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.captioning import Captioner, base_row
+from pipeline.captioning import Captioner
 from pipeline.decode import DecodePool
-from pipeline.frames import DecodeFailure
-from pipeline.progress import mark_done, mark_running, touch_running
+from pipeline.progress import ERROR_REASONS, mark_done, mark_running, read_state, touch_running
+from pipeline.retry import RetryPolicy
+from pipeline.rows import failure_row, merge_reasons, row_failure, sample_failure
 from pipeline.scheduler import CaptionService
 from pipeline.shards import Sample, ShardReader
 from pipeline.writing import OutputStore
@@ -53,6 +54,8 @@ class ShardOutcome:
     seconds: float = 0.0
     wait_decode_s: float = 0.0  # time the model side spent waiting for decoded clips
     model_s: float = 0.0
+    # failure reasons of the shard's committed rows, earlier attempts' included (pipeline.rows.merge_reasons)
+    error_reasons: dict[str, int] = field(default_factory=dict)
 
 
 def run_shard(
@@ -70,15 +73,22 @@ def run_shard(
 ) -> ShardOutcome:
     m = captioner.manifest
     t_start = time.perf_counter()
-    deadline = time.monotonic() + m.shard_timeout_s
+    policy = RetryPolicy.from_manifest(m)
+    deadline = time.monotonic() + policy.shard_timeout_s
     out = ShardOutcome(shard=shard, url=url)
     if store.is_finished(shard):
         store.discard_leftover_chunks(shard)
         out.already_done = True
         return out
+    previous = read_state(store, shard) or {}
     mark_running(store, shard, url, attempt, os.getpid())
     done_keys = store.committed_keys(shard)
-    reader = ShardReader(url, storage=m.storage)
+    # The histogram counts committed rows: an attempt resuming after committed chunks adds to it, one
+    # starting from nothing starts it afresh.
+    if done_keys and isinstance(previous.get(ERROR_REASONS), dict):
+        out.error_reasons = merge_reasons(previous[ERROR_REASONS], {})
+    reader = ShardReader(url, storage=m.storage, read_retries=policy.stream_retries,
+                         retry_backoff_s=policy.stream_backoff_s)
 
     def fresh_samples() -> Iterator[Sample]:
         seen = set(done_keys)
@@ -95,9 +105,14 @@ def run_shard(
     ticket = service.open(shard)
     model_s_at_start = service.stats.model_s
     pending: list[dict[str, Any]] = []
+    pending_reasons: list[str] = []  # the failure kinds of the rows in `pending`
 
     def collect() -> None:
-        pending.extend(ticket.take())
+        for row in ticket.take():
+            failure = row_failure(row)  # a captioned clip's row, or the captioner's `error` row
+            if failure is not None:
+                pending_reasons.append(failure.kind)
+            pending.append(row)
         if len(pending) >= m.chunk_size:
             commit()
 
@@ -106,7 +121,9 @@ def run_shard(
             store.commit_chunk(shard, pending, attempt)
             out.rows_new += len(pending)
             out.chunks += 1
-            touch_running(store, shard)
+            out.error_reasons = merge_reasons(out.error_reasons, pending_reasons)
+            pending_reasons.clear()
+            touch_running(store, shard, out.error_reasons)
             if on_commit:
                 on_commit(list(pending), out)
             pending.clear()
@@ -116,7 +133,7 @@ def run_shard(
         if time.monotonic() > deadline:
             collect()
             commit()
-            raise ShardTimeout(f"shard {shard} ran past its {m.shard_timeout_s:g} s limit "
+            raise ShardTimeout(f"shard {shard} ran past its {policy.shard_timeout_s:g} s limit "
                                f"({out.rows_new} new rows committed; the next attempt resumes after them)")
         if should_stop is not None and should_stop():
             collect()
@@ -125,14 +142,10 @@ def run_shard(
 
     def route(item: tuple[Sample, Any]) -> None:
         sample, decoded = item
-        if decoded is None and sample.source_failed:
-            reason = sample.source_error or f"source video {sample.source_status}"
-            pending.append(base_row(sample, None, captioner, status="source_failed", error=reason))
-        elif decoded is None:  # the source says success but the tar has no (complete) mp4 for the key
-            reason = sample.read_error or "mp4 member missing from the shard"
-            pending.append(base_row(sample, None, captioner, status="decode_error", error=reason))
-        elif isinstance(decoded, DecodeFailure):
-            pending.append(base_row(sample, None, captioner, status="decode_error", error=decoded.reason))
+        failure = sample_failure(sample, decoded)  # source failed, mp4 missing/cut from the tar, undecodable
+        if failure is not None:
+            pending.append(failure_row(sample, failure, ctx=captioner).to_dict())
+            pending_reasons.append(failure.kind)
         else:
             while not service.submit(ticket, sample, decoded, timeout=0.2):  # the engine is full: wait
                 check_limits()
@@ -184,7 +197,7 @@ def run_shard(
     counts = store.finalize_shard(shard, file_metadata)
     out.counts = dict(counts)
     out.seconds = time.perf_counter() - t_start
-    mark_done(store, shard, counts, out.truncated, out.seconds)
+    mark_done(store, shard, counts, out.truncated, out.seconds, out.error_reasons)
     return out
 
 

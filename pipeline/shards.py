@@ -1,4 +1,6 @@
-"""Reading Panda-70M webdataset shards: shard lists, streaming, and one ``Sample`` per key (DESIGN §2).
+"""Reading Panda-70M webdataset shards: shard lists, streaming, and one ``Sample`` per key.
+
+The format accepted is the one of docs/CONTRACTS.md, Shard format.
 
 Shard contents are untrusted: only ``.mp4``, ``.json`` and ``.txt`` members are read, nothing is unpickled
 or ``eval``-ed, and member names are never used as paths. Errors in a sample are data

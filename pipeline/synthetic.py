@@ -1,6 +1,6 @@
 """Synthetic Panda-70M webdataset shards, written the way the Panda-70M fork of video2dataset writes them.
 
-Used by the tests, the demo and the benchmarks. What a shard looks like (DESIGN §2):
+Used by the tests, the demo and the benchmarks. What a shard looks like (docs/CONTRACTS.md, Shard format):
 
 - ``{shard}.tar`` with ``{key}.json``, ``{key}.mp4``, ``{key}.txt`` per clip (webdataset's TarWriter writes a
   sample's members sorted by extension), in download-completion order with the clips of one source video

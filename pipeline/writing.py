@@ -1,6 +1,6 @@
-"""Parquet output: the row schema, atomic chunk commits and the per-shard merge.
+"""Parquet output (the row schema is pipeline/rows.py's): atomic chunk commits and the per-shard merge.
 
-Layout under OUT (DESIGN §6):
+Layout under OUT (docs/CONTRACTS.md, Output layout):
     OUT/_job.json                     manifest + fingerprint + versions
     OUT/data/{shard}.parquet          one file per finished shard (the dataset)
     OUT/_progress/{shard}/chunk-*.parquet   committed chunks of an unfinished shard
@@ -26,38 +26,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.manifest import StorageSpec
+from pipeline.retry import STORAGE_RETRIES
+from pipeline.rows import COLUMNS, SCHEMA, STATUSES  # noqa: F401  (the row's schema lives in pipeline/rows.py)
 from pipeline.shards import s3_endpoint, s3_filesystem
 
-STATUSES = ("ok", "flagged", "source_failed", "decode_error", "error")
-
-SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("shard", pa.string()),
-        ("video_id", pa.string()),
-        ("url", pa.string()),
-        ("clip_start_s", pa.float64()),
-        ("clip_end_s", pa.float64()),
-        ("source_caption", pa.string()),
-        ("caption_en", pa.string()),
-        ("caption_zh", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("caption_flags", pa.list_(pa.string())),
-        ("frame_indices", pa.list_(pa.int32())),
-        ("num_frames", pa.int32()),
-        ("fps", pa.float64()),
-        ("duration_s", pa.float64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("tokens_en", pa.int32()),
-        ("tokens_zh", pa.int32()),
-        ("model", pa.string()),
-        ("lora_alpha", pa.float64()),
-        ("prompt_version", pa.string()),
-    ]
-)
-COLUMNS = tuple(SCHEMA.names)
 FLAGS_COLUMN = "caption_flags"
 OLD_FLAGS_COLUMN = "flags"  # its former name: chunks and data files written with it are read renamed
 
@@ -120,12 +92,12 @@ class OutputStore:
         """`path` holds `data` or what it held before, never a part of it, whenever the writer dies."""
         parent, name = path.rsplit("/", 1)
         if self.is_local:
-            for attempt in range(3):
+            for attempt in range(STORAGE_RETRIES):
                 try:
                     self._write_then_rename(parent, name, data)
                     return
                 except FileNotFoundError:  # a concurrent finalizer removed the chunk folder under us
-                    if attempt == 2:
+                    if attempt == STORAGE_RETRIES - 1:
                         raise
         else:
             # No parent directories on an object store, no rename: the object is visible only once its PUT
@@ -245,14 +217,14 @@ class OutputStore:
         crash anywhere in here leaves either the chunks or the finished file, never neither. If the
         data file already exists its rows are kept and merged first, so finalizing twice never drops a key.
         """
-        for attempt in range(3):
+        for attempt in range(STORAGE_RETRIES):
             try:
                 tables = [self._read_table(p) for p in self.chunk_paths(shard)]
                 if self.is_finished(shard):  # a late second finalizer (e.g. a zombie actor): union, never shrink
                     tables.insert(0, self._read_table(self.data_path(shard)))
                 break
             except FileNotFoundError:  # a concurrent finalizer merged and removed a chunk: read again
-                if attempt == 2:
+                if attempt == STORAGE_RETRIES - 1:
                     raise
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
         table = dedupe_by_key(table)

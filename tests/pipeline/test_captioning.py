@@ -271,3 +271,23 @@ def test_the_checkpoints_mean_and_std_normalise_the_frames(artefacts, other_chec
     assert (fed[0][0] - with_clip_values).abs().max() > 0.1  # not the default CLIP normalisation
     rows, _ = run(m, captioner)
     _assert_captioned(rows, planted)
+
+
+def test_the_data_file_has_the_row_modules_schema_and_the_record_its_failure_reasons(artefacts, tmp_path):
+    """pipeline.rows owns the row: the job's data file has exactly rows.SCHEMA, and the shard's progress record
+    holds the histogram of its failed rows' reasons (what `recaption status` shows without reading Parquet)."""
+    import json
+    from collections import Counter
+
+    from pipeline import rows as row_module
+
+    root, ckpt, mt, _ = artefacts
+    m = make_manifest(root, ckpt, mt, tmp_path / "out")
+    rows, _ = run(m)
+    schema = pq.read_schema(f"{m.output}/data/00000.parquet")
+    assert schema.remove_metadata() == row_module.SCHEMA
+    assert [f.type for f in schema] == [f.type for f in row_module.SCHEMA] and schema.names == list(COLUMNS)
+    state = json.loads((tmp_path / "out/_progress/00000.json").read_text())
+    failures = Counter(row_module.row_failure(r).kind for r in rows if r["status"] in row_module.FAILED_STATUSES)
+    assert {k.split(":")[0] for k in failures} == {"source", "decode"}  # the planted failed and corrupt clips
+    assert state["error_reasons"] == dict(failures)

@@ -1,4 +1,4 @@
-"""PLLaVA frame sampling and decode_clip (DESIGN §3)."""
+"""PLLaVA frame sampling and decode_clip (docs/CONTRACTS.md, Frame sampling)."""
 
 from __future__ import annotations
 

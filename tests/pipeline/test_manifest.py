@@ -153,3 +153,18 @@ def test_nothing_non_finite_reaches_fingerprint_or_to_dict():
         with pytest.raises(ManifestError, match=f"field '{field}' must be a finite number"):
             fingerprint(broken, "sha256:0123456789abcdef", "v1")
     assert fingerprint(m, "sha256:0123456789abcdef", "v1")[0]  # finite: fine
+
+
+def test_retry_policy_is_gathered_in_one_place():
+    from pipeline.retry import RetryPolicy
+
+    m = manifest_from_dict({**MINIMAL, "max_attempts": 5, "shard_timeout_s": 100,
+                            "retry": {"stream_retries": 2, "watchdog_factor": 2.0, "watchdog_margin_s": 30}})
+    policy = RetryPolicy.from_manifest(m)
+    assert policy.watchdog_s == 230 and policy.stream_retries == 2 and policy.max_attempts == 5
+    assert not policy.is_final(4) and policy.is_final(5)
+    default = RetryPolicy.from_manifest(manifest_from_dict(MINIMAL))
+    assert default.watchdog_s == 1.5 * 7200 + 60  # the driver's watchdog as before
+    with pytest.raises(ManifestError, match="retry.watchdog_factor"):
+        manifest_from_dict({**MINIMAL, "retry": {"watchdog_factor": 0}})
+    assert fingerprint(m, "tiny@abc", "v1")[0] == fingerprint(manifest_from_dict(MINIMAL), "tiny@abc", "v1")[0]

@@ -1,4 +1,4 @@
-"""Shard lists, streaming and the tolerant reader (DESIGN §2)."""
+"""Shard lists, streaming and the tolerant reader (docs/CONTRACTS.md, Shard format)."""
 
 from __future__ import annotations
 

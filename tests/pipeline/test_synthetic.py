@@ -1,4 +1,5 @@
-"""The synthetic shards follow DESIGN §2 (the Panda-70M video2dataset fork's webdataset output)."""
+"""The synthetic shards follow docs/CONTRACTS.md, Shard format (the Panda-70M video2dataset fork's
+webdataset output)."""
 
 from __future__ import annotations
 

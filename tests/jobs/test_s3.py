@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 
 import boto3
 import pyarrow.dataset as ds
@@ -27,7 +26,8 @@ import pytest
 from pipeline.manifest import StorageSpec
 from pipeline.shards import ShardReader, ShardReadError, open_shard_stream
 from pipeline.writing import COLUMNS, OutputStore
-from tests.jobs.conftest import REPO, VENV_BIN, base_env, free_port, run_job, write_manifest
+from tests.jobs.conftest import REPO, base_env, run_job, write_manifest
+from tests.moto_server import moto_server
 
 ACCESS_KEY = "AKIARECAPTIONTEST7Q"
 SECRET = f"recaption-fake-secret-{secrets.token_hex(12)}"
@@ -57,27 +57,11 @@ class S3:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "moto_server did not start"
-                time.sleep(0.2)
+    with moto_server(tmp_path_factory.mktemp("moto")) as port:
         store = S3(port)
         for bucket in ("shards", "out", "unit"):
             store.client.create_bucket(Bucket=bucket)
         yield store
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -50,3 +51,20 @@ def loaded_small(loaded) -> LoadedPllava:
 def random_clips(batch: int, frames: int = 16, seed: int = 0) -> torch.Tensor:
     """(B, T, 3, 336, 336) CLIP-normalised-looking frames."""
     return torch.randn(batch, frames, 3, 336, 336, generator=torch.Generator().manual_seed(seed))
+
+
+@contextlib.contextmanager
+def eos_biased_lm_head(loaded):
+    """The LM head with a huge bias on eos (every step picks it), restored afterwards."""
+    lm = loaded.model.language_model
+    original = lm.lm_head
+    biased = torch.nn.Linear(original.in_features, original.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(original.weight)
+        biased.bias.zero_()
+        biased.bias[loaded.tokenizer.eos_token_id] = 1e4
+    lm.lm_head = biased
+    try:
+        yield biased
+    finally:
+        lm.lm_head = original

@@ -14,7 +14,7 @@ from model.engine import (
     slots_for_memory,
 )
 from model.generation import greedy_generate
-from tests.model.conftest import random_clips
+from tests.model.conftest import eos_biased_lm_head, random_clips
 
 QUESTIONS = [
     "Hi?",
@@ -138,15 +138,7 @@ def test_requests_stop_at_different_steps(loaded_small, features):
 
 def test_eos_stops_like_the_batch_one_loop(loaded_small, features):
     """An lm_head biased towards eos: every request stops at once with an empty caption, unless ignore_eos."""
-    lm = loaded_small.model.language_model
-    original = lm.lm_head
-    biased = torch.nn.Linear(original.in_features, original.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.copy_(original.weight)
-        biased.bias.zero_()
-        biased.bias[loaded_small.tokenizer.eos_token_id] = 1e4
-    lm.lm_head = biased
-    try:
+    with eos_biased_lm_head(loaded_small):
         prompt = ids_of(loaded_small, loaded_small.template.format("Hi?"))
         requests = [Request(id=i, prompt_ids=prompt, video_features=features[i], max_new_tokens=6,
                             ignore_eos=i == 1) for i in range(3)]
@@ -154,8 +146,6 @@ def test_eos_stops_like_the_batch_one_loop(loaded_small, features):
         assert done[0].token_ids == [] and not done[0].hit_max_new_tokens and done[0].text == ""
         assert done[1].num_tokens == 6 and done[1].hit_max_new_tokens
         assert done[1].token_ids == reference(loaded_small, requests[1])
-    finally:
-        lm.lm_head = original
 
 
 def test_full_pooling_request_matches(loaded):

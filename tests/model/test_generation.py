@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.generation import generate_captions, generate_text, stop_token_ids
-from tests.model.conftest import random_clips
+from tests.model.conftest import eos_biased_lm_head, random_clips
 
 QUESTIONS = [
     "Hi?",
@@ -56,15 +56,7 @@ def test_cached_generation_equals_no_cache_argmax(loaded_small, clips_features):
 
 def test_ignore_eos_forces_max_new_tokens_and_eos_stops_otherwise(loaded_small, clips_features):
     """An lm_head biased towards eos: without ignore_eos the caption is empty, with it exactly N tokens."""
-    lm = loaded_small.model.language_model
-    original = lm.lm_head
-    biased = torch.nn.Linear(original.in_features, original.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.copy_(original.weight)
-        biased.bias.zero_()
-        biased.bias[loaded_small.tokenizer.eos_token_id] = 1e4
-    lm.lm_head = biased
-    try:
+    with eos_biased_lm_head(loaded_small):
         prompts = [loaded_small.template.format(q) for q in QUESTIONS[:2]]
         stopped = generate_captions(loaded_small, prompts, clips_features[:2], max_new_tokens=10)
         assert all(g.token_ids == [] and g.num_tokens == 0 and not g.hit_max_new_tokens for g in stopped)
@@ -73,8 +65,6 @@ def test_ignore_eos_forces_max_new_tokens_and_eos_stops_otherwise(loaded_small, 
             loaded_small, prompts, clips_features[:2], max_new_tokens=10, ignore_eos=True
         )
         assert all(g.num_tokens == 10 == len(g.token_ids) and g.hit_max_new_tokens for g in forced)
-    finally:
-        lm.lm_head = original
 
 
 def test_rows_stop_independently_and_counts_exclude_pads_and_eos(loaded_small, clips_features):

@@ -14,8 +14,6 @@ import os
 import re
 import socket
 import struct
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -27,6 +25,7 @@ import pytest
 from pipeline import shards as shards_module
 from pipeline.manifest import StorageSpec
 from pipeline.shards import Sample, ShardReader, ShardReadError
+from tests.moto_server import moto_server
 
 FAST = {"retry_backoff_s": 0.001}
 
@@ -304,28 +303,12 @@ def moto(tmp_path_factory, shard_bytes):
     """A moto S3 server holding the shard at s3://shards/panda/00000.tar; yields its port."""
     import boto3
 
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "moto_server did not start"
-                time.sleep(0.1)
+    with moto_server(tmp_path_factory.mktemp("moto")) as port:
         client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
                               aws_access_key_id="AKIATRANSPORTTEST", aws_secret_access_key="fake")
         client.create_bucket(Bucket="shards")
         client.put_object(Bucket="shards", Key="panda/00000.tar", Body=shard_bytes)
         yield port
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture()

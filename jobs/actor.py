@@ -37,6 +37,7 @@ class ShardCaptioner:
             from pipeline.captioning import Captioner
             from pipeline.decode import DecodePool
             from pipeline.scheduler import CaptionService
+            from pipeline.shard_runner import ShardSettings
             from pipeline.writing import OutputStore
 
             self.manifest = m
@@ -44,6 +45,7 @@ class ShardCaptioner:
             self.captioner = Captioner(m)
             self.service = CaptionService(self.captioner)
             self.store = OutputStore(m.output, m.storage)
+            self.settings = ShardSettings.from_manifest(m)
             model = self.captioner.description  # frames sampled and sized as this checkpoint takes them
             self.decode_pool = DecodePool(workers=m.decode.workers, max_ahead=m.decode.max_ahead,
                                           mode=m.decode.mode, timeout_s=m.decode.timeout_s,
@@ -86,7 +88,8 @@ class ShardCaptioner:
         try:
             outcome = run_shard(url, shard, store=self.store, captioner=self.captioner,
                                 decode_pool=self.decode_pool, attempt=attempt, file_metadata=self.file_metadata,
-                                on_commit=on_commit, should_stop=self._stop.is_set, service=self.service)
+                                on_commit=on_commit, should_stop=self._stop.is_set, service=self.service,
+                                settings=self.settings)
         except Exception as e:
             if not isinstance(e, ShardInterrupted):
                 record_shard_failure()

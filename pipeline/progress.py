@@ -233,6 +233,29 @@ def shard_status(store: OutputStore, shard: str) -> str:
 
 
 @dataclass(frozen=True)
+class ShardResume:
+    """What the output already holds of one shard, asked once by the runner: whether it is finished (its data
+    file exists; leftover chunks of an interrupted cleanup are dropped then), the keys committed by earlier
+    attempts, and the error-reason histogram of those committed rows (continued, never double counted)."""
+
+    shard: str
+    finished: bool
+    committed_keys: frozenset[str]
+    error_reasons: dict[str, int]
+
+    @classmethod
+    def load(cls, store: OutputStore, shard: str) -> ShardResume:
+        if store.is_finished(shard):
+            store.discard_leftover_chunks(shard)
+            return cls(shard, True, frozenset(), {})
+        keys = frozenset(store.committed_keys(shard))
+        previous = (read_state(store, shard) or {}).get(ERROR_REASONS)
+        # the histogram counts committed rows: without committed chunks an attempt starts it afresh
+        reasons = merge_reasons(previous, {}) if keys and isinstance(previous, dict) else {}
+        return cls(shard, False, keys, reasons)
+
+
+@dataclass(frozen=True)
 class Plan:
     to_run: list[tuple[str, str]]  # (shard name, url)
     done: list[str]

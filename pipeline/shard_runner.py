@@ -18,7 +18,8 @@ from typing import Any
 
 from pipeline.captioning import Captioner
 from pipeline.decode import DecodePool
-from pipeline.progress import ERROR_REASONS, mark_done, mark_running, read_state, touch_running
+from pipeline.manifest import Manifest, StorageSpec
+from pipeline.progress import ShardResume, mark_done, mark_running, touch_running
 from pipeline.retry import RetryPolicy
 from pipeline.rows import failure_row, merge_reasons, row_failure, sample_failure
 from pipeline.scheduler import CaptionService
@@ -58,6 +59,19 @@ class ShardOutcome:
     error_reasons: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ShardSettings:
+    """What the shard runner needs of the job, and nothing else of the manifest."""
+
+    chunk_size: int
+    storage: StorageSpec
+    policy: RetryPolicy
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> ShardSettings:
+        return cls(chunk_size=m.chunk_size, storage=m.storage, policy=RetryPolicy.from_manifest(m))
+
+
 def run_shard(
     url: str,
     shard: str,
@@ -70,24 +84,21 @@ def run_shard(
     on_commit: Callable[[list[dict[str, Any]], ShardOutcome], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     service: CaptionService | None = None,
+    settings: ShardSettings | None = None,
 ) -> ShardOutcome:
-    m = captioner.manifest
+    settings = settings or ShardSettings.from_manifest(captioner.manifest)
+    policy = settings.policy
     t_start = time.perf_counter()
-    policy = RetryPolicy.from_manifest(m)
     deadline = time.monotonic() + policy.shard_timeout_s
     out = ShardOutcome(shard=shard, url=url)
-    if store.is_finished(shard):
-        store.discard_leftover_chunks(shard)
+    resume = ShardResume.load(store, shard)
+    if resume.finished:
         out.already_done = True
         return out
-    previous = read_state(store, shard) or {}
     mark_running(store, shard, url, attempt, os.getpid())
-    done_keys = store.committed_keys(shard)
-    # The histogram counts committed rows: an attempt resuming after committed chunks adds to it, one
-    # starting from nothing starts it afresh.
-    if done_keys and isinstance(previous.get(ERROR_REASONS), dict):
-        out.error_reasons = merge_reasons(previous[ERROR_REASONS], {})
-    reader = ShardReader(url, storage=m.storage, read_retries=policy.stream_retries,
+    done_keys = resume.committed_keys
+    out.error_reasons = dict(resume.error_reasons)
+    reader = ShardReader(url, storage=settings.storage, read_retries=policy.stream_retries,
                          retry_backoff_s=policy.stream_backoff_s)
 
     def fresh_samples() -> Iterator[Sample]:
@@ -113,7 +124,7 @@ def run_shard(
             if failure is not None:
                 pending_reasons.append(failure.kind)
             pending.append(row)
-        if len(pending) >= m.chunk_size:
+        if len(pending) >= settings.chunk_size:
             commit()
 
     def commit() -> None:

@@ -104,3 +104,22 @@ def test_finalize_twice_never_drops_keys(tmp_path):
     counts = store.finalize_shard("s", {})
     assert counts == {"ok": 3}
     assert sorted(pq.read_table(tmp_path / "data/s.parquet").column("key").to_pylist()) == ["a", "b", "c"]
+
+
+def test_shard_resume_is_asked_once_and_knows_everything(tmp_path):
+    from pipeline.progress import ShardResume, touch_running, write_state
+
+    store = OutputStore(str(tmp_path))
+    fresh = ShardResume.load(store, "s")
+    assert not fresh.finished and fresh.committed_keys == frozenset() and fresh.error_reasons == {}
+    # an earlier attempt's histogram without committed rows is not continued (it would double count)
+    write_state(store, "s", state="running", error_reasons={"decode: x": 2})
+    assert ShardResume.load(store, "s").error_reasons == {}
+    store.commit_chunk("s", [row("k1"), row("k2", status="decode_error")], attempt=1)
+    touch_running(store, "s", error_reasons={"decode: x": 1})
+    resumed = ShardResume.load(store, "s")
+    assert resumed.committed_keys == {"k1", "k2"} and resumed.error_reasons == {"decode: x": 1}
+    store.finalize_shard("s", {})
+    store.commit_chunk("s", [row("k3")], attempt=2)  # a chunk left by an interrupted cleanup
+    done = ShardResume.load(store, "s")
+    assert done.finished and not store.chunk_paths("s")

@@ -259,137 +259,31 @@ def check_cluster(m: Manifest, resources: dict[str, float]) -> None:
 
 def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: list[str], lease: Any,
               stop: StopRequest, log_every_s: float) -> int:
+    """Start the actors, keep every actor's shard places busy until the queue is empty (or a stop), then
+    write the dataset card and the summary."""
     ray = connect_ray()
     stop.install()
-    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
-
-    from jobs.actor import SHARDS_IN_FLIGHT, ShardCaptioner
-    from jobs.metrics import record_shard_failure
-
-    resources = ray.cluster_resources()
-    check_cluster(m, resources)
-    n_actors, num_gpus, num_cpus = actor_count(m, resources, len(plan.to_run))
-    log.info("starting %d ShardCaptioner actors (num_gpus=%s, num_cpus=%s each)", n_actors, num_gpus, num_cpus)
-    file_metadata = {
-        META_CONFIG: json.dumps({"manifest": m.to_dict(), "fingerprint_parts": ident.parts}).encode(),
-        META_FINGERPRINT: ident.fingerprint.encode(),
-    }
-    # Actors open the output and the shards with the manifest's `storage` settings, passed explicitly
-    # (credentials never travel: each node's own environment, config or role provides them).
-    actor_cls = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)
-
-    starting: dict[Any, Any] = {}  # ready() ref -> actor still loading the model
-
-    def new_actor() -> None:
-        actor = actor_cls.remote(m, file_metadata)
-        starting[actor.ready.remote()] = actor
-
-    queue = deque(Task(name, url, 1) for name, url in plan.to_run)
-    for _ in range(n_actors):
-        new_actor()
-    idle: list[Any] = []  # one entry per free shard place (an actor holds SHARDS_IN_FLIGHT)
-    dead: set[Any] = set()  # actors already replaced (their other shard's failure must not replace them twice)
-    running: dict[Any, tuple[Any, Task]] = {}
-    started: dict[Any, float] = {}
-    # The actor enforces shard_timeout_s between samples; a shard stuck inside a read or a decode that never
-    # returns is stopped here by killing its actor (then retried like any actor death).
-    policy = RetryPolicy.from_manifest(m)
-    watchdog_s = policy.watchdog_s
-    stalled: set[Any] = set()
-    failed: list[str] = list(plan.failed_skipped)
-    interrupted: list[str] = []
-    progress = ProgressReporter(len(plan.to_run), log_every_s=log_every_s)
-    stopping_since: float | None = None
+    d = _Dispatcher(ray, m, store, ident, plan, lease, stop, log_every_s)
     stop.graceful = True
     try:
         while True:
-            if stopping_since is None and (stop.requested or lease.lost.is_set()):
-                stopping_since = time.monotonic()
-                if lease.lost.is_set() and not stop.requested:
-                    log.error("another driver took over %s (%s); stopping", m.output, lease.lost_to)
-                for actor, _ in running.values():
-                    actor.stop.remote()
-            if stopping_since is None:
-                while queue and idle:
-                    task = queue.popleft()
-                    actor = idle.pop()
-                    ref = actor.process_shard.remote(task.url, task.shard, task.attempt)
-                    running[ref] = (actor, task)
-                    started[ref] = time.monotonic()
-                    progress.log("shard %s start (attempt %d): %s", task.shard, task.attempt, task.url)
-            if not running and (stopping_since is not None or not queue):
+            d.maybe_stop()
+            d.dispatch()
+            if not d.running and (d.stopping_since is not None or not d.queue):
                 break
-            ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=POLL_S)
+            ready, _ = ray.wait([*d.running, *d.starting], num_returns=1, timeout=POLL_S)
             if not ready:
-                progress.in_flight(_rows_in_flight(ray, list({id(a): a for a, _ in running.values()}.values())))
-                now = time.monotonic()
-                for busy_ref, (busy_actor, busy_task) in running.items():
-                    if busy_ref not in stalled and now - started[busy_ref] > watchdog_s:
-                        log.error("shard %s stalled past %.0fs; killing its actor", busy_task.shard, watchdog_s)
-                        stalled.add(busy_ref)
-                        ray.kill(busy_actor, no_restart=True)
-                if stopping_since is not None and now - stopping_since > STOP_GRACE_S:
-                    for busy_ref, (busy_actor, busy_task) in list(running.items()):
-                        ray.kill(busy_actor, no_restart=True)
-                        interrupted.append(busy_task.shard)
-                        running.pop(busy_ref)
-                continue
-            ref = ready[0]
-            if ref in starting:
-                actor = starting.pop(ref)
-                try:
-                    info = ray.get(ref)
-                except (RayActorError, ActorDiedError) as e:
-                    info = {"error": f"the actor died while starting: {_first_line(e)}"}
-                if info.get("error"):
-                    raise SetupFailure(f"an actor could not load the model ({m.model.path}): {info['error']}")
-                idle.extend([actor] * SHARDS_IN_FLIGHT)
-                continue
-            actor, task = running.pop(ref)
-            started.pop(ref)
-            try:
-                outcome = ray.get(ref)
-            except (RayActorError, ActorDiedError) as e:
-                ray.kill(actor, no_restart=True)
-                idle[:] = [a for a in idle if a is not actor]
-                if stopping_since is not None:
-                    interrupted.append(task.shard)
-                    continue
-                reason = (f"stalled past the {watchdog_s:.0f}s watchdog; actor killed" if ref in stalled
-                          else f"actor died: {_first_line(e)}")
-                if not any(actor is d for d in dead):
-                    dead.add(actor)
-                    new_actor()
-                record_shard_failure()
-                if _retry_or_fail(store, task, reason, policy, queue, failed, progress):
-                    progress.shard_failed()
-                continue
-            except RayTaskError as e:
-                cause = e.cause if getattr(e, "cause", None) else e
-                idle.append(actor)
-                if type(cause).__name__ == "ShardInterrupted":
-                    interrupted.append(task.shard)
-                    progress.log("shard %s stopped: %s", task.shard, _first_line(cause))
-                    continue
-                if _retry_or_fail(store, task, _first_line(cause), policy, queue, failed, progress):
-                    progress.shard_failed()
-                continue
-            idle.append(actor)
-            progress.shard_finished(outcome["rows_new"])
-            rate = outcome["rows_new"] / outcome["seconds"] if outcome["seconds"] else 0.0
-            progress.log("shard %s done (attempt %d): %s; %d new rows in %.1fs (%.2f clips/s), decode wait "
-                         "%.1fs, model %.1fs", task.shard, task.attempt, _fmt(outcome["counts"]),
-                         outcome["rows_new"], outcome["seconds"], rate, outcome["wait_decode_s"],
-                         outcome["model_s"])
+                d.on_tick()
+            elif ready[0] in d.starting:
+                d.on_actor_ready(ready[0])
+            else:
+                d.on_shard_result(ready[0])
     finally:
         stop.graceful = False
-        progress.close()
-        everyone = [*idle, *(a for a, _ in running.values()), *starting.values()]
-        for actor in {id(a): a for a in everyone}.values():
-            ray.kill(actor, no_restart=True)
-    log.info("this run: %s", format_snapshot(progress.snapshot()))
-    unfinished = len(queue) + len(interrupted)
-    if stopping_since is not None and unfinished:
+        d.close()
+    log.info("this run: %s", format_snapshot(d.progress.snapshot()))
+    unfinished = len(d.queue) + len(d.interrupted)
+    if d.stopping_since is not None and unfinished:
         print(f"interrupted: {unfinished} shards unfinished; rerun the same command to resume", file=sys.stderr,
               flush=True)
         if lease.lost.is_set() and not stop.requested:
@@ -399,7 +293,150 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
 
     write_dataset_card(store, store.read_json(store.path(JOB_FILE)), prompt_texts(m),
                        description=describe_checkpoint(m.model.path))
-    return _finish(store, names, failed)
+    return _finish(store, names, d.failed)
+
+
+class _Dispatcher:
+    """The driver's state while shards run: actors starting, free shard places (an actor holds
+    SHARDS_IN_FLIGHT), shards running, the queue; one method per event the loop in `_dispatch` waits for."""
+
+    def __init__(self, ray: Any, m: Manifest, store: OutputStore, ident: Any, plan: Any, lease: Any,
+                 stop: StopRequest, log_every_s: float):
+        from jobs.actor import SHARDS_IN_FLIGHT, ShardCaptioner
+
+        self.ray, self.m, self.store, self.lease, self.stop = ray, m, store, lease, stop
+        self.shards_in_flight = SHARDS_IN_FLIGHT
+        resources = ray.cluster_resources()
+        check_cluster(m, resources)
+        n_actors, num_gpus, num_cpus = actor_count(m, resources, len(plan.to_run))
+        log.info("starting %d ShardCaptioner actors (num_gpus=%s, num_cpus=%s each)", n_actors, num_gpus,
+                 num_cpus)
+        self.file_metadata = {
+            META_CONFIG: json.dumps({"manifest": m.to_dict(), "fingerprint_parts": ident.parts}).encode(),
+            META_FINGERPRINT: ident.fingerprint.encode(),
+        }
+        # Actors open the output and the shards with the manifest's `storage` settings, passed explicitly
+        # (credentials never travel: each node's own environment, config or role provides them).
+        self.actor_cls = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)
+        self.policy = RetryPolicy.from_manifest(m)
+        # The actor enforces shard_timeout_s between samples; a shard stuck inside a read or a decode that
+        # never returns is stopped here by killing its actor (then retried like any actor death).
+        self.watchdog_s = self.policy.watchdog_s
+        self.queue = deque(Task(name, url, 1) for name, url in plan.to_run)
+        self.starting: dict[Any, Any] = {}  # ready() ref -> actor still loading the model
+        self.idle: list[Any] = []  # one entry per free shard place
+        self.dead: list[Any] = []  # actors already replaced (their other shard must not replace them twice)
+        self.running: dict[Any, tuple[Any, Task]] = {}
+        self.started: dict[Any, float] = {}
+        self.stalled: set[Any] = set()
+        self.failed: list[str] = list(plan.failed_skipped)
+        self.interrupted: list[str] = []
+        self.progress = ProgressReporter(len(plan.to_run), log_every_s=log_every_s)
+        self.stopping_since: float | None = None
+        for _ in range(n_actors):
+            self.new_actor()
+
+    def new_actor(self) -> None:
+        actor = self.actor_cls.remote(self.m, self.file_metadata)
+        self.starting[actor.ready.remote()] = actor
+
+    def maybe_stop(self) -> None:
+        """Ctrl-C / SIGTERM, or another driver took the output: ask the running shards to commit and stop."""
+        if self.stopping_since is not None or not (self.stop.requested or self.lease.lost.is_set()):
+            return
+        self.stopping_since = time.monotonic()
+        if self.lease.lost.is_set() and not self.stop.requested:
+            log.error("another driver took over %s (%s); stopping", self.m.output, self.lease.lost_to)
+        for actor, _ in self.running.values():
+            actor.stop.remote()
+
+    def dispatch(self) -> None:
+        while self.stopping_since is None and self.queue and self.idle:
+            task = self.queue.popleft()
+            actor = self.idle.pop()
+            ref = actor.process_shard.remote(task.url, task.shard, task.attempt)
+            self.running[ref] = (actor, task)
+            self.started[ref] = time.monotonic()
+            self.progress.log("shard %s start (attempt %d): %s", task.shard, task.attempt, task.url)
+
+    def on_tick(self) -> None:
+        """Nothing finished for POLL_S: progress, the watchdog, the end of a stop's grace period."""
+        actors = list({id(a): a for a, _ in self.running.values()}.values())
+        self.progress.in_flight(_rows_in_flight(self.ray, actors))
+        now = time.monotonic()
+        for ref, (actor, task) in self.running.items():
+            if ref not in self.stalled and now - self.started[ref] > self.watchdog_s:
+                log.error("shard %s stalled past %.0fs; killing its actor", task.shard, self.watchdog_s)
+                self.stalled.add(ref)
+                self.ray.kill(actor, no_restart=True)
+        if self.stopping_since is not None and now - self.stopping_since > STOP_GRACE_S:
+            for ref, (actor, task) in list(self.running.items()):
+                self.ray.kill(actor, no_restart=True)
+                self.interrupted.append(task.shard)
+                self.running.pop(ref)
+
+    def on_actor_ready(self, ref: Any) -> None:
+        from ray.exceptions import ActorDiedError, RayActorError
+
+        actor = self.starting.pop(ref)
+        try:
+            info = self.ray.get(ref)
+        except (RayActorError, ActorDiedError) as e:
+            info = {"error": f"the actor died while starting: {_first_line(e)}"}
+        if info.get("error"):
+            raise SetupFailure(f"an actor could not load the model ({self.m.model.path}): {info['error']}")
+        self.idle.extend([actor] * self.shards_in_flight)
+
+    def on_shard_result(self, ref: Any) -> None:
+        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+        actor, task = self.running.pop(ref)
+        self.started.pop(ref)
+        try:
+            outcome = self.ray.get(ref)
+        except (RayActorError, ActorDiedError) as e:
+            self.on_actor_death(actor, task, ref, e)
+            return
+        except RayTaskError as e:
+            self.idle.append(actor)
+            cause = e.cause if getattr(e, "cause", None) else e
+            if type(cause).__name__ == "ShardInterrupted":
+                self.interrupted.append(task.shard)
+                self.progress.log("shard %s stopped: %s", task.shard, _first_line(cause))
+            elif _retry_or_fail(self.store, task, _first_line(cause), self.policy, self.queue, self.failed,
+                                self.progress):
+                self.progress.shard_failed()
+            return
+        self.idle.append(actor)
+        self.progress.shard_finished(outcome["rows_new"])
+        rate = outcome["rows_new"] / outcome["seconds"] if outcome["seconds"] else 0.0
+        self.progress.log("shard %s done (attempt %d): %s; %d new rows in %.1fs (%.2f clips/s), decode wait "
+                          "%.1fs, model %.1fs", task.shard, task.attempt, _fmt(outcome["counts"]),
+                          outcome["rows_new"], outcome["seconds"], rate, outcome["wait_decode_s"],
+                          outcome["model_s"])
+
+    def on_actor_death(self, actor: Any, task: Task, ref: Any, error: BaseException) -> None:
+        from jobs.metrics import record_shard_failure
+
+        self.ray.kill(actor, no_restart=True)
+        self.idle[:] = [a for a in self.idle if a is not actor]
+        if self.stopping_since is not None:
+            self.interrupted.append(task.shard)
+            return
+        reason = (f"stalled past the {self.watchdog_s:.0f}s watchdog; actor killed" if ref in self.stalled
+                  else f"actor died: {_first_line(error)}")
+        if not any(actor is d for d in self.dead):
+            self.dead.append(actor)
+            self.new_actor()
+        record_shard_failure()
+        if _retry_or_fail(self.store, task, reason, self.policy, self.queue, self.failed, self.progress):
+            self.progress.shard_failed()
+
+    def close(self) -> None:
+        self.progress.close()
+        everyone = [*self.idle, *(a for a, _ in self.running.values()), *self.starting.values()]
+        for actor in {id(a): a for a in everyone}.values():
+            self.ray.kill(actor, no_restart=True)
 
 
 def _rows_in_flight(ray: Any, actors: list[Any]) -> int:

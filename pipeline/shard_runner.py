@@ -86,130 +86,161 @@ def run_shard(
     service: CaptionService | None = None,
     settings: ShardSettings | None = None,
 ) -> ShardOutcome:
-    settings = settings or ShardSettings.from_manifest(captioner.manifest)
-    policy = settings.policy
-    t_start = time.perf_counter()
-    deadline = time.monotonic() + policy.shard_timeout_s
-    out = ShardOutcome(shard=shard, url=url)
-    resume = ShardResume.load(store, shard)
-    if resume.finished:
-        out.already_done = True
-        return out
+    """One attempt at one shard: resume state → read, decode and submit every fresh clip → wait for its last
+    captions → finalize (or raise ShardIncomplete / ShardTimeout / ShardInterrupted with the rows committed)."""
+    run = _ShardRun(url, shard, store=store, captioner=captioner, attempt=attempt, on_commit=on_commit,
+                    should_stop=should_stop, service=service or default_service(captioner),
+                    settings=settings or ShardSettings.from_manifest(captioner.manifest))
+    if run.resume.finished:
+        run.out.already_done = True
+        return run.out
     mark_running(store, shard, url, attempt, os.getpid())
-    done_keys = resume.committed_keys
-    out.error_reasons = dict(resume.error_reasons)
-    reader = ShardReader(url, storage=settings.storage, read_retries=policy.stream_retries,
-                         retry_backoff_s=policy.stream_backoff_s)
-
-    def fresh_samples() -> Iterator[Sample]:
-        seen = set(done_keys)
-        for sample in reader:
-            if sample.cut_by_end:  # not committed: the shard is incomplete, the next attempt reads it whole
-                continue
-            if sample.key in seen:  # committed by an earlier attempt, or a duplicate key in the tar
-                out.keys_skipped += 1
-                continue
-            seen.add(sample.key)
-            yield sample
-
-    service = service or default_service(captioner)
-    ticket = service.open(shard)
-    model_s_at_start = service.stats.model_s
-    pending: list[dict[str, Any]] = []
-    pending_reasons: list[str] = []  # the failure kinds of the rows in `pending`
-
-    def collect() -> None:
-        for row in ticket.take():
-            failure = row_failure(row)  # a captioned clip's row, or the captioner's `error` row
-            if failure is not None:
-                pending_reasons.append(failure.kind)
-            pending.append(row)
-        if len(pending) >= settings.chunk_size:
-            commit()
-
-    def commit() -> None:
-        if pending:
-            store.commit_chunk(shard, pending, attempt)
-            out.rows_new += len(pending)
-            out.chunks += 1
-            out.error_reasons = merge_reasons(out.error_reasons, pending_reasons)
-            pending_reasons.clear()
-            touch_running(store, shard, out.error_reasons)
-            if on_commit:
-                on_commit(list(pending), out)
-            pending.clear()
-
-    def check_limits() -> None:
-        service.raise_if_failed()
-        if time.monotonic() > deadline:
-            collect()
-            commit()
-            raise ShardTimeout(f"shard {shard} ran past its {policy.shard_timeout_s:g} s limit "
-                               f"({out.rows_new} new rows committed; the next attempt resumes after them)")
-        if should_stop is not None and should_stop():
-            collect()
-            commit()  # rows captioned so far; clips still in the engine are redone by the rerun
-            raise ShardInterrupted(f"shard {shard} stopped on request ({out.rows_new} new rows committed)")
-
-    def route(item: tuple[Sample, Any]) -> None:
-        sample, decoded = item
-        failure = sample_failure(sample, decoded)  # source failed, mp4 missing/cut from the tar, undecodable
-        if failure is not None:
-            pending.append(failure_row(sample, failure, ctx=captioner).to_dict())
-            pending_reasons.append(failure.kind)
-        else:
-            while not service.submit(ticket, sample, decoded, timeout=0.2):  # the engine is full: wait
-                check_limits()
-                collect()
-
     try:
-        # One shard reads and decodes at a time (the decode pool is the actor's); the next shard's reading
-        # starts as soon as this one's last clip is in the engine, while its captions are still generating.
+        run.read_and_submit(decode_pool)
+        run.wait_for_captions()
+    except BaseException:
+        run.ticket.cancel()
+        raise
+    run.finish(file_metadata)
+    return run.out
+
+
+class _ShardRun:
+    """The state of one shard attempt: its reader, its ticket in the captioning service, the rows not yet
+    committed (with their failure kinds) and the outcome; each step of `run_shard` is one method."""
+
+    def __init__(self, url: str, shard: str, *, store: OutputStore, captioner: Captioner, attempt: int,
+                 on_commit: Callable[[list[dict[str, Any]], ShardOutcome], None] | None,
+                 should_stop: Callable[[], bool] | None, service: CaptionService, settings: ShardSettings):
+        self.shard, self.store, self.captioner, self.attempt = shard, store, captioner, attempt
+        self.on_commit, self.should_stop, self.service, self.settings = on_commit, should_stop, service, settings
+        self.t_start = time.perf_counter()
+        self.deadline = time.monotonic() + settings.policy.shard_timeout_s
+        self.out = ShardOutcome(shard=shard, url=url)
+        self.resume = ShardResume.load(store, shard)
+        self.out.error_reasons = dict(self.resume.error_reasons)
+        self.reader = ShardReader(url, storage=settings.storage, read_retries=settings.policy.stream_retries,
+                                  retry_backoff_s=settings.policy.stream_backoff_s)
+        self.ticket = service.open(shard)
+        self.model_s_at_start = service.stats.model_s
+        self.pending: list[dict[str, Any]] = []
+        self.pending_reasons: list[str] = []  # the failure kinds of the rows in `pending`
+
+    # ---- the steps
+
+    def read_and_submit(self, decode_pool: DecodePool) -> None:
+        """Read and decode the fresh samples, hand clips to the engine and failures straight to `pending`.
+        One shard reads and decodes at a time (the decode pool is the actor's); the next shard's reading starts
+        as soon as this one's last clip is in the engine, while its captions are still generating."""
+        service = self.service
         while not service.reading.acquire(timeout=0.2):
-            check_limits()
-            collect()
+            self.check_limits()
+            self.collect()
         try:
-            results = _Prefetcher(decode_pool.imap(fresh_samples()))
+            results = _Prefetcher(decode_pool.imap(self.fresh_samples()))
             try:
                 while True:
-                    check_limits()
-                    collect()
+                    self.check_limits()
+                    self.collect()
                     item = results.poll()
                     if item is _NOT_READY:
                         t_wait = time.perf_counter()
                         item = results.get(timeout=0.2)
-                        if ticket.outstanding == 0:  # the model side had nothing of this shard to work on
-                            out.wait_decode_s += time.perf_counter() - t_wait
+                        if self.ticket.outstanding == 0:  # the model side had nothing of this shard to work on
+                            self.out.wait_decode_s += time.perf_counter() - t_wait
                         if item is _NOT_READY:
                             continue
                     if item is _END:
                         break
-                    route(item)
+                    self.route(item)
             finally:
                 results.close()
         finally:
             service.reading.release()
-        while ticket.outstanding:  # the shard's last clips are generating; the next shard is reading
-            check_limits()
-            ticket.wait(timeout=0.5)
-            collect()
-    except BaseException:
-        ticket.cancel()
-        raise
-    collect()
-    commit()
-    out.model_s = service.stats.model_s - model_s_at_start  # the engine's busy time (shared with a neighbour)
-    if reader.members_skipped:
-        log.warning("shard %s: %d tar members skipped (%s)", shard, reader.members_skipped,
-                    ", ".join(f"{k}: {v}" for k, v in sorted(reader.skipped.items())))
-    if reader.incomplete:
-        raise ShardIncomplete(f"incomplete: {reader.incomplete} ({out.rows_new + len(done_keys)} rows committed; "
-                              f"the next attempt reads the shard again and resumes after them)")
-    counts = store.finalize_shard(shard, file_metadata)
-    out.counts = dict(counts)
-    out.seconds = time.perf_counter() - t_start
-    mark_done(store, shard, counts, out.truncated, out.seconds, out.error_reasons)
-    return out
+
+    def wait_for_captions(self) -> None:
+        """The shard's last clips are generating (the next shard is already reading)."""
+        while self.ticket.outstanding:
+            self.check_limits()
+            self.ticket.wait(timeout=0.5)
+            self.collect()
+        self.collect()
+        self.commit()
+
+    def finish(self, file_metadata: dict[bytes, bytes]) -> None:
+        out, reader = self.out, self.reader
+        out.model_s = self.service.stats.model_s - self.model_s_at_start  # engine busy time (shared)
+        if reader.members_skipped:
+            log.warning("shard %s: %d tar members skipped (%s)", self.shard, reader.members_skipped,
+                        ", ".join(f"{k}: {v}" for k, v in sorted(reader.skipped.items())))
+        if reader.incomplete:
+            committed = out.rows_new + len(self.resume.committed_keys)
+            raise ShardIncomplete(f"incomplete: {reader.incomplete} ({committed} rows committed; the next "
+                                  f"attempt reads the shard again and resumes after them)")
+        counts = self.store.finalize_shard(self.shard, file_metadata)
+        out.counts = dict(counts)
+        out.seconds = time.perf_counter() - self.t_start
+        mark_done(self.store, self.shard, counts, out.truncated, out.seconds, out.error_reasons)
+
+    # ---- helpers
+
+    def fresh_samples(self) -> Iterator[Sample]:
+        seen = set(self.resume.committed_keys)
+        for sample in self.reader:
+            if sample.cut_by_end:  # not committed: the shard is incomplete, the next attempt reads it whole
+                continue
+            if sample.key in seen:  # committed by an earlier attempt, or a duplicate key in the tar
+                self.out.keys_skipped += 1
+                continue
+            seen.add(sample.key)
+            yield sample
+
+    def route(self, item: tuple[Sample, Any]) -> None:
+        sample, decoded = item
+        failure = sample_failure(sample, decoded)  # source failed, mp4 missing/cut from the tar, undecodable
+        if failure is not None:
+            self.pending.append(failure_row(sample, failure, ctx=self.captioner).to_dict())
+            self.pending_reasons.append(failure.kind)
+        else:
+            while not self.service.submit(self.ticket, sample, decoded, timeout=0.2):  # the engine is full
+                self.check_limits()
+                self.collect()
+
+    def collect(self) -> None:
+        for row in self.ticket.take():
+            failure = row_failure(row)  # a captioned clip's row, or the captioner's `error` row
+            if failure is not None:
+                self.pending_reasons.append(failure.kind)
+            self.pending.append(row)
+        if len(self.pending) >= self.settings.chunk_size:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        out = self.out
+        self.store.commit_chunk(self.shard, self.pending, self.attempt)
+        out.rows_new += len(self.pending)
+        out.chunks += 1
+        out.error_reasons = merge_reasons(out.error_reasons, self.pending_reasons)
+        self.pending_reasons.clear()
+        touch_running(self.store, self.shard, out.error_reasons)
+        if self.on_commit:
+            self.on_commit(list(self.pending), out)
+        self.pending.clear()
+
+    def check_limits(self) -> None:
+        self.service.raise_if_failed()
+        if time.monotonic() > self.deadline:
+            self.collect()
+            self.commit()
+            raise ShardTimeout(f"shard {self.shard} ran past its {self.settings.policy.shard_timeout_s:g} s limit "
+                               f"({self.out.rows_new} new rows committed; the next attempt resumes after them)")
+        if self.should_stop is not None and self.should_stop():
+            self.collect()
+            self.commit()  # rows captioned so far; clips still in the engine are redone by the rerun
+            raise ShardInterrupted(f"shard {self.shard} stopped on request ({self.out.rows_new} new rows "
+                                   f"committed)")
 
 
 _NOT_READY = object()

@@ -37,7 +37,7 @@ def test_ray_job_submit_demo_manifest(ray_cluster, tiny_checkpoint, shards, tmp_
         "--", "python", "-m", "jobs.recaption", "manifests/demo.yaml",
         "--shards", f"{shard_dir}/{{00000..00001}}.tar", "--output", str(out), "--model", str(tiny_checkpoint),
     ]
-    for _ in range(10):  # a freshly started head's job agent may not be registered yet on a loaded machine
+    for _ in range(40):  # the job agent may be (re)registering with the head on a loaded machine
         proc = subprocess.run(submit, cwd=REPO, env=ray_cluster["env"], capture_output=True, text=True, timeout=600)
         if "No available agent to submit job" not in proc.stdout + proc.stderr:
             break

@@ -46,7 +46,7 @@ def run(mode: str, args, root: Path, ckpt: Path, names: list[str], lengths) -> d
     from pipeline.captioning import Captioner
     from pipeline.decode import DecodePool
     from pipeline.manifest import manifest_from_dict
-    from pipeline.shard_runner import run_shard
+    from pipeline.shard_runner import ShardSettings, run_shard
     from pipeline.writing import OutputStore
 
     longest = max(max(en, zh) for en, zh in lengths.values())
@@ -56,7 +56,7 @@ def run(mode: str, args, root: Path, ckpt: Path, names: list[str], lengths) -> d
         "generation": {"max_new_tokens": longest, "batch_size": 2}, "zh": {"max_new_tokens": longest},
         "chunk_size": 4,
     })
-    captioner = Captioner(m, ignore_eos=True)
+    captioner = Captioner.from_manifest(m, ignore_eos=True)
     service = _service_with_lengths(captioner, args.slots, lengths)
     store = OutputStore(m.output)
     in_flight = threading.Semaphore(2 if mode == "overlap" else 1)
@@ -66,7 +66,8 @@ def run(mode: str, args, root: Path, ckpt: Path, names: list[str], lengths) -> d
         try:
             with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
                 run_shard(str(root / f"shards/{name}.tar"), name, store=store, captioner=captioner,
-                          decode_pool=pool, attempt=1, file_metadata={}, service=service)
+                          decode_pool=pool, attempt=1, file_metadata={}, service=service,
+                          settings=ShardSettings.from_manifest(m))
         except BaseException as e:  # noqa: BLE001 - reported
             errors.append(e)
         finally:

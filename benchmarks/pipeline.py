@@ -52,19 +52,17 @@ def reference_loop(captioner: Captioner, url: str, out_path: Path) -> list[dict]
     """Per clip: decode inline, caption alone, keep the row; one Parquet write at the very end."""
     import pyarrow.parquet as pq
 
-    from pipeline.captioning import base_row
-    from pipeline.frames import DecodeFailure, decode_clip
+    from pipeline.frames import decode_clip
+    from pipeline.rows import failure_row, sample_failure
     from pipeline.shards import ShardReader
     from pipeline.writing import rows_to_table
 
     rows: list[dict] = []
     for sample in ShardReader(url):
-        if sample.mp4 is None:
-            rows.append(base_row(sample, None, captioner, status="source_failed", error=sample.source_error))
-            continue
-        clip = decode_clip(sample.mp4)
-        if isinstance(clip, DecodeFailure):
-            rows.append(base_row(sample, None, captioner, status="decode_error", error=clip.reason))
+        clip = decode_clip(sample.mp4) if sample.mp4 is not None else None
+        failure = sample_failure(sample, clip)
+        if failure is not None:
+            rows.append(failure_row(sample, failure, ctx=captioner).to_dict())
             continue
         rows.extend(captioner.caption_batch([(sample, clip)]))
     pq.write_table(rows_to_table(rows), out_path)
@@ -111,12 +109,13 @@ def run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> None:
     from benchmarks.common import ProcessSampler, command_line, machine_line, markdown_table, unmerged_lora
     from model.loading import read_safetensors, split_lora
     from model.tiny import build_tiny_checkpoint
-    from pipeline.captioning import Captioner, CaptionStats
+    from pipeline.captioning import Captioner
     from pipeline.decode import DecodePool
     from pipeline.frames import DecodedClip, decode_clip
     from pipeline.manifest import manifest_from_dict
-    from pipeline.shard_runner import run_shard
+    from pipeline.shard_runner import ShardSettings, run_shard
     from pipeline.shards import ShardReader
+    from pipeline.stats import Stats
     from pipeline.synthetic import write_synthetic_shards
     from pipeline.writing import OutputStore
 
@@ -134,13 +133,13 @@ def run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> None:
         "chunk_size": 256,
     }
     manifest = manifest_from_dict(raw, source="benchmarks.pipeline")
-    batched = Captioner(manifest)
-    single = Captioner(manifest.replace(generation=dataclasses.replace(manifest.generation, batch_size=1)))
+    batched = Captioner.from_manifest(manifest)
+    single = Captioner.from_manifest(manifest.replace(generation=dataclasses.replace(manifest.generation, batch_size=1)))
     # The reference: W0 loaded as is (alpha 0 merges nothing), the LoRA applied beside it at run time.
     reference = copy.copy(single)
-    reference.loaded = Captioner(manifest.replace(
+    reference.loaded = Captioner.from_manifest(manifest.replace(
         model=dataclasses.replace(manifest.model, lora_alpha=0.0))).loaded
-    reference.stats = CaptionStats()
+    reference.stats = Stats()
     _, lora = split_lora(read_safetensors(model_dir, dtype=torch.float32))
 
     items = []
@@ -179,9 +178,9 @@ def run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> None:
         def fn() -> tuple[list[dict], dict[str, float]]:
             store = OutputStore(str(work / f"out-{tag}-{time.monotonic_ns()}"))
             outcome = run_shard(url, "00000", store=store, captioner=captioner, decode_pool=pools[workers],
-                                attempt=1, file_metadata={})
+                                attempt=1, file_metadata={}, settings=ShardSettings.from_manifest(manifest))
             table = pq.read_table(store.data_path("00000"))
-            return table.to_pylist(), {"wait_s": outcome.wait_decode_s, "model_s": outcome.model_s}
+            return table.to_pylist(), {"wait_s": outcome.stats.wait_decode_s, "model_s": outcome.stats.model_s}
         return fn
 
     def reference_path() -> tuple[list[dict], dict[str, float]]:

@@ -55,7 +55,7 @@ def main() -> None:
             "generation": {"max_new_tokens": args.tokens, "batch_size": args.batch},
             "zh": {"mode": mode, "max_new_tokens": args.tokens, "mt_model": str(mt)},
         })
-        captioners[mode] = Captioner(m, ignore_eos=True)
+        captioners[mode] = Captioner.from_manifest(m, ignore_eos=True)
         captioners[mode].caption_batch(items[: args.batch])  # warm-up, not counted
     # Modes interleaved round by round, median per mode: a shared, noisy machine hits all modes alike.
     samples: dict[str, list[tuple]] = {mode: [] for mode in captioners}

@@ -7,7 +7,6 @@ are still generating. Each shard still commits and finalizes on its own.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -16,7 +15,7 @@ from typing import Any
 
 import ray
 
-from pipeline.manifest import Manifest
+from pipeline.settings import ActorSettings
 
 SHARDS_IN_FLIGHT = 2
 
@@ -24,7 +23,7 @@ SHARDS_IN_FLIGHT = 2
 # process_shard for each shard in flight, plus progress() and stop() while they run
 @ray.remote(max_concurrency=SHARDS_IN_FLIGHT + 2)
 class ShardCaptioner:
-    def __init__(self, m: Manifest, file_metadata: dict[bytes, bytes]):
+    def __init__(self, settings: ActorSettings, file_metadata: dict[bytes, bytes]):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.log = logging.getLogger("recaption.actor")
         self._lock = threading.Lock()
@@ -37,19 +36,19 @@ class ShardCaptioner:
             from pipeline.captioning import Captioner
             from pipeline.decode import DecodePool
             from pipeline.scheduler import CaptionService
-            from pipeline.shard_runner import ShardSettings
             from pipeline.writing import OutputStore
 
-            self.manifest = m
             self.file_metadata = file_metadata
-            self.captioner = Captioner(m)
+            self.captioner = Captioner(settings.caption)
             self.service = CaptionService(self.captioner)
-            self.store = OutputStore(m.output, m.storage)
-            self.settings = ShardSettings.from_manifest(m)
+            self._engine_seen = self.service.stats.snapshot()
+            self.settings = settings.shard
+            self.store = OutputStore(settings.output, settings.shard.storage)
             model = self.captioner.description  # frames sampled and sized as this checkpoint takes them
-            self.decode_pool = DecodePool(workers=m.decode.workers, max_ahead=m.decode.max_ahead,
-                                          mode=m.decode.mode, timeout_s=m.decode.timeout_s,
-                                          num_frames=model.num_frames, size=model.image_size)
+            d = settings.decode
+            self.decode_pool = DecodePool(workers=d.workers, max_ahead=d.max_ahead, mode=d.mode,
+                                          timeout_s=d.timeout_s, num_frames=model.num_frames,
+                                          size=model.image_size)
         except Exception as e:
             self.init_error = f"{type(e).__name__}: {_one_line(e)}"
             self.log.error("ShardCaptioner could not start: %s", self.init_error)
@@ -69,19 +68,18 @@ class ShardCaptioner:
         self._stop.set()
 
     def process_shard(self, url: str, shard: str, attempt: int) -> dict[str, Any]:
-        from jobs.metrics import record_rows, record_shard_failure, record_times
+        from jobs.metrics import record_shard_failure
         from pipeline.shard_runner import ShardInterrupted, run_shard
+        from pipeline.stats import Stats
 
         if self.init_error:
             raise RuntimeError(f"actor could not start: {self.init_error}")
         with self._lock:
             self._current[shard] = {"rows": 0, "started": time.time()}
-        seen = {"wait": 0.0, "model": 0.0}
+        seen = [Stats()]  # this attempt's counters already sent to the metrics
 
         def on_commit(rows: list[dict[str, Any]], outcome: Any) -> None:
-            record_rows(rows)
-            record_times(outcome.wait_decode_s - seen["wait"], outcome.model_s - seen["model"])
-            seen["wait"], seen["model"] = outcome.wait_decode_s, outcome.model_s
+            self._record_metrics(outcome.stats, seen)
             with self._lock:
                 self._current[shard]["rows"] += len(rows)
 
@@ -97,8 +95,21 @@ class ShardCaptioner:
         finally:
             with self._lock:
                 self._current.pop(shard, None)
-        record_times(outcome.wait_decode_s - seen["wait"], outcome.model_s - seen["model"])
-        return dataclasses.asdict(outcome)  # the driver logs the shard's start and finish
+        self._record_metrics(outcome.stats, seen)
+        return outcome.to_dict()  # the driver logs the shard's start and finish
+
+    def _record_metrics(self, shard_stats: Any, seen: list[Any]) -> None:
+        """The Ray metrics' increments: rows, tokens and decode wait from the shard's counters, model time from
+        the engine's (shared by the shards in flight, so counted once per actor, not per shard)."""
+        from jobs.metrics import record_stats
+
+        delta = shard_stats.since(seen[0])
+        seen[0] = shard_stats.snapshot()
+        with self._lock:
+            engine = self.service.stats.snapshot()
+            delta.model_s = engine.model_s - self._engine_seen.model_s
+            self._engine_seen = engine
+        record_stats(delta)
 
     def progress(self) -> dict[str, Any]:
         """The shards in hand and the rows committed for them so far."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from pipeline.stats import Stats
+
 
 @lru_cache(maxsize=1)
 def job_metrics() -> dict[str, Any]:
@@ -25,22 +27,19 @@ def job_metrics() -> dict[str, Any]:
     }
 
 
-def record_rows(rows: list[dict[str, Any]]) -> None:
+def record_stats(delta: Stats) -> None:
+    """Counters added since the last call (`Stats.since`): rows by status, tokens, decode wait, model time."""
     m = job_metrics()
-    for row in rows:
-        m["clips"].inc(1, tags={"status": row["status"]})
-        if row.get("tokens_en"):
-            m["tokens"].inc(row["tokens_en"], tags={"language": "en"})
-        if row.get("tokens_zh"):
-            m["tokens"].inc(row["tokens_zh"], tags={"language": "zh"})
-
-
-def record_times(decode_wait_s: float, model_s: float) -> None:
-    m = job_metrics()
-    if decode_wait_s > 0:
-        m["decode_wait"].inc(decode_wait_s)
-    if model_s > 0:
-        m["model_time"].inc(model_s)
+    for status, n in delta.rows.items():
+        if n > 0:
+            m["clips"].inc(n, tags={"status": status})
+    for language, n in (("en", delta.tokens_en), ("zh", delta.tokens_zh)):
+        if n > 0:
+            m["tokens"].inc(n, tags={"language": language})
+    if delta.wait_decode_s > 0:
+        m["decode_wait"].inc(delta.wait_decode_s)
+    if delta.model_s > 0:
+        m["model_time"].inc(delta.model_s)
 
 
 def record_shard_failure() -> None:

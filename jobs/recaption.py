@@ -30,6 +30,7 @@ from pipeline.preflight import SetupError, check_shards
 from pipeline.progress import (
     JOB_FILE,
     FingerprintMismatch,
+    describe_job_model,
     ensure_job,
     job_identity,
     plan_shards,
@@ -37,7 +38,9 @@ from pipeline.progress import (
     write_shard_list,
 )
 from pipeline.retry import RetryPolicy
+from pipeline.settings import ActorSettings
 from pipeline.shards import ShardReadError, expand_shard_spec
+from pipeline.stats import Stats
 from pipeline.writing import META_CONFIG, META_FINGERPRINT, OutputStore
 
 log = logging.getLogger("recaption")
@@ -86,14 +89,6 @@ def apply_overrides(m: Manifest, args: argparse.Namespace) -> Manifest:
     if args.actors is not None:
         changes["resources"] = dataclasses.replace(m.resources, actors=args.actors)
     return m.replace(**changes) if changes else m
-
-
-def prompt_version_of(m: Manifest) -> str:
-    """The prompt version of the job's rows, without loading weights: from the checkpoint's description, as
-    the actors' captioners compute it (model/describe.py)."""
-    from model.describe import describe_checkpoint
-
-    return describe_checkpoint(m.model.path).prompts(m.prompts).version
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -148,11 +143,9 @@ class Task:
     attempt: int
 
 
-def prompt_texts(m: Manifest) -> dict[str, str]:
+def prompt_texts(m: Manifest, model: Any) -> dict[str, str]:
     """The prompt wordings in effect (manifest's or the template's defaults), for the dataset card."""
-    from model.describe import describe_checkpoint
-
-    p = describe_checkpoint(m.model.path).prompts(m.prompts)
+    p = model.prompts(m.prompts)
     texts = {"en": p.en}
     if "zh" in m.languages:
         if m.zh.mode == "direct":
@@ -218,7 +211,8 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0, forc
     stop = stop or StopRequest()
     store = OutputStore(m.output, m.storage)
     checkpoint_files(m.model.path)  # a bad model.path ends here, named, before anything reads the folder
-    ident = job_identity(m, prompt_version_of(m))
+    model = describe_job_model(m)  # frames, prompts, content identity: the driver's one look at the checkpoint
+    ident = job_identity(m, model)
     shards = check_shards(expand_shard_spec(m.shards), m.storage)
     check_device_setting(m)
     lease = acquire(store, force=force)
@@ -234,7 +228,7 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0, forc
         names = [name for name, _ in shards]
         if not plan.to_run:
             return _finish(store, names, plan.failed_skipped)
-        return _dispatch(m, store, ident, plan, names, lease, stop, log_every_s)
+        return _dispatch(m, model, store, ident, plan, names, lease, stop, log_every_s)
     finally:
         lease.release()
 
@@ -257,7 +251,7 @@ def check_cluster(m: Manifest, resources: dict[str, float]) -> None:
                          "no GPU")
 
 
-def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: list[str], lease: Any,
+def _dispatch(m: Manifest, model: Any, store: OutputStore, ident: Any, plan: Any, names: list[str], lease: Any,
               stop: StopRequest, log_every_s: float) -> int:
     """Start the actors, keep every actor's shard places busy until the queue is empty (or a stop), then
     write the dataset card and the summary."""
@@ -289,10 +283,7 @@ def _dispatch(m: Manifest, store: OutputStore, ident: Any, plan: Any, names: lis
         if lease.lost.is_set() and not stop.requested:
             return EXIT_USAGE
         return stop.exit_code
-    from model.describe import describe_checkpoint
-
-    write_dataset_card(store, store.read_json(store.path(JOB_FILE)), prompt_texts(m),
-                       description=describe_checkpoint(m.model.path))
+    write_dataset_card(store, store.read_json(store.path(JOB_FILE)), prompt_texts(m, model), description=model)
     return _finish(store, names, d.failed)
 
 
@@ -318,6 +309,7 @@ class _Dispatcher:
         # Actors open the output and the shards with the manifest's `storage` settings, passed explicitly
         # (credentials never travel: each node's own environment, config or role provides them).
         self.actor_cls = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)
+        self.actor_settings = ActorSettings.from_manifest(m)
         self.policy = RetryPolicy.from_manifest(m)
         # The actor enforces shard_timeout_s between samples; a shard stuck inside a read or a decode that
         # never returns is stopped here by killing its actor (then retried like any actor death).
@@ -337,7 +329,7 @@ class _Dispatcher:
             self.new_actor()
 
     def new_actor(self) -> None:
-        actor = self.actor_cls.remote(self.m, self.file_metadata)
+        actor = self.actor_cls.remote(self.actor_settings, self.file_metadata)
         self.starting[actor.ready.remote()] = actor
 
     def maybe_stop(self) -> None:
@@ -408,12 +400,12 @@ class _Dispatcher:
                 self.progress.shard_failed()
             return
         self.idle.append(actor)
-        self.progress.shard_finished(outcome["rows_new"])
-        rate = outcome["rows_new"] / outcome["seconds"] if outcome["seconds"] else 0.0
+        stats = Stats.from_dict(outcome["stats"])
+        self.progress.shard_finished(stats.rows_new)
+        rate = stats.rows_new / outcome["seconds"] if outcome["seconds"] else 0.0
         self.progress.log("shard %s done (attempt %d): %s; %d new rows in %.1fs (%.2f clips/s), decode wait "
                           "%.1fs, model %.1fs", task.shard, task.attempt, _fmt(outcome["counts"]),
-                          outcome["rows_new"], outcome["seconds"], rate, outcome["wait_decode_s"],
-                          outcome["model_s"])
+                          stats.rows_new, outcome["seconds"], rate, stats.wait_decode_s, stats.model_s)
 
     def on_actor_death(self, actor: Any, task: Task, ref: Any, error: BaseException) -> None:
         from jobs.metrics import record_shard_failure

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,26 +17,15 @@ from model.describe import describe_checkpoint
 from model.generation import Generation, generate_captions, generate_text
 from model.loading import load_pllava
 from pipeline.chinese import normalize_zh
-from pipeline.frames import DecodedClip, DecodeFailure, normalize_frames
+from pipeline.frames import DecodedClip, normalize_frames
 from pipeline.manifest import Manifest
 from pipeline.quality import detect_flags
 from pipeline.rows import Failure, Row, Status, failure_row
+from pipeline.settings import CaptionSettings
 from pipeline.shards import Sample
+from pipeline.stats import Stats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CaptionStats:
-    """What the model side did, for logs and benchmarks."""
-
-    clips: int = 0
-    batches: int = 0
-    tokens_en: int = 0
-    tokens_zh: int = 0
-    seconds_vision: float = 0.0
-    seconds_en: float = 0.0
-    seconds_zh: float = 0.0
 
 
 def resolve_device(requested: str) -> str:
@@ -49,9 +37,13 @@ def resolve_device(requested: str) -> str:
 class Captioner:
     """One loaded PLLaVA (and optional translator) and the prompts of one job."""
 
-    def __init__(self, m: Manifest, *, ignore_eos: bool = False):
+    @classmethod
+    def from_manifest(cls, m: Manifest, **kwargs: Any) -> Captioner:
+        return cls(CaptionSettings.from_manifest(m), **kwargs)
+
+    def __init__(self, settings: CaptionSettings, *, ignore_eos: bool = False):
         """`ignore_eos` forces every caption to max_new_tokens: for benchmarks with random weights only."""
-        self.manifest = m
+        self.settings = m = settings
         self.ignore_eos = ignore_eos
         self.device = resolve_device(m.model.device)
         dtype = m.model.dtype if self.device != "cpu" else "float32"  # bf16/fp16 matmuls are slow on CPUs
@@ -83,7 +75,7 @@ class Captioner:
         self.prompt_version = self.prompts.version
         self.model_name = self.loaded.name
         self.lora_alpha = self.loaded.lora_alpha
-        self.stats = CaptionStats()
+        self.stats = Stats()  # what the model side did, for logs and benchmarks
         self._echo_texts = [t for t in (template.system, self.prompts.en) if t]
         # Chinese echo: the instruction of the pass that wrote it (never the English caption itself, which a
         # faithful translation legitimately overlaps).
@@ -110,7 +102,7 @@ class Captioner:
             return rows
 
     def _caption(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
-        m = self.manifest
+        m = self.settings
         t0 = time.perf_counter()
         features = self.encode(items)  # (B, N_vis, D)
         with torch.inference_mode():
@@ -143,7 +135,7 @@ class Captioner:
         s.tokens_en += g_en.num_tokens
         if zh is not None:
             text, n_tokens, hit_max = zh
-            row.caption_zh = normalize_zh(text, self.manifest.zh.variant)
+            row.caption_zh = normalize_zh(text, self.settings.zh.variant)
             row.tokens_zh = n_tokens
             s.tokens_zh += n_tokens
             flags |= set(detect_flags(row.caption_zh, language="zh", prompt_texts=self._echo_texts_zh,
@@ -172,7 +164,7 @@ class Captioner:
                                            with_image=False)
 
     def _chinese(self, features: torch.Tensor, captions_en: list[str]) -> list[tuple[str, int, bool]]:
-        m = self.manifest
+        m = self.settings
         if self.zh_mode == "direct":
             out = generate_captions(self.loaded, [self.prompt_zh_direct] * len(captions_en), features,
                                     max_new_tokens=m.zh.max_new_tokens,
@@ -193,10 +185,3 @@ class Captioner:
             for i, g in zip(todo, out):
                 results[i] = (g.text, g.num_tokens, g.hit_max_new_tokens)
         return results
-
-
-def base_row(sample: Sample, clip: DecodedClip | DecodeFailure | None, ctx: Any, *, status: str,
-             error: str | None = None) -> dict[str, Any]:
-    """A row (as a dict) with the sample's facts and, when decoded, the clip's; captions left empty. Kept for
-    callers of the dict API: new code builds `pipeline.rows.Row` / `failure_row`."""
-    return Row.for_sample(sample, clip, ctx, status=status, error=error).to_dict()

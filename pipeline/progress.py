@@ -17,10 +17,11 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from model.describe import ModelDescription, describe_checkpoint
 from pipeline.manifest import Manifest, fingerprint
 from pipeline.model_identity import ModelIdentity, ModelPathError  # noqa: F401  (ModelPathError: re-exported)
 from pipeline.model_identity import model_identity as _content_identity
-from pipeline.rows import merge_reasons
+from pipeline.stats import ERROR_REASONS, Stats  # noqa: F401  (ERROR_REASONS: re-exported)
 from pipeline.writing import OutputStore
 
 SHARD_STATES = ("done", "running", "failed", "pending")  # + "interrupted" in status: running, driver gone
@@ -58,12 +59,20 @@ class JobIdentity:
     prompt_version: str
 
 
-def job_identity(m: Manifest, prompt_version: str) -> JobIdentity:
+def describe_job_model(m: Manifest) -> ModelDescription:
+    """The job's checkpoint, described once (model/describe.py) with its content identity: the driver's one
+    look at the model folder, for the fingerprint, the prompt texts and the dataset card. No torch."""
+    return describe_checkpoint(m.model.path, identity=_content_identity)
+
+
+def job_identity(m: Manifest, model: ModelDescription) -> JobIdentity:
     """The fingerprint's "model" part is the weights' content digest ("sha256:<16 hex>"), never the folder
-    name; `JobIdentity.model` is the readable label ("pllava-7b@<12 hex>") for logs."""
-    model = model_identity(m.model.path)
-    fp, parts = fingerprint(m, model.fingerprint_part, prompt_version)
-    return JobIdentity(fp, parts, model.label, prompt_version)
+    name; `JobIdentity.model` is the readable label ("pllava-7b@<12 hex>") for logs. The prompt version is the
+    one the actors' captioners compute from the same description."""
+    identity = model.identity if model.identity is not None else _content_identity(model.path)
+    prompt_version = model.prompts(m.prompts).version
+    fp, parts = fingerprint(m, identity.fingerprint_part, prompt_version)
+    return JobIdentity(fp, parts, identity.label, prompt_version)
 
 
 def ensure_job(store: OutputStore, m: Manifest, ident: JobIdentity) -> dict[str, Any]:
@@ -179,26 +188,17 @@ def mark_running(store: OutputStore, shard: str, url: str, attempt: int, pid: in
                 started_at=time.time(), intervals=intervals, finished_at=None)
 
 
-def touch_running(store: OutputStore, shard: str, error_reasons: dict[str, int] | None = None) -> None:
+def touch_running(store: OutputStore, shard: str, stats: Stats | None = None) -> None:
     """A chunk was committed: the shard's active span reaches now (rate and ETA use active time only).
-    `error_reasons`, when given, replaces the record's histogram of failure reasons (see `ERROR_REASONS`)."""
-    write_state(store, shard, **_reasons_field(error_reasons))
+    `stats`, when given, are the committed rows' counters (`Stats.record_fields`: rows by status, flags,
+    tokens, the capped histogram of failure reasons), replacing the record's."""
+    write_state(store, shard, **(stats.record_fields() if stats is not None else {}))
 
 
 def mark_done(store: OutputStore, shard: str, counts: dict[str, int], truncated: str | None,
-              seconds: float, error_reasons: dict[str, int] | None = None) -> None:
+              seconds: float, stats: Stats | None = None) -> None:
     write_state(store, shard, state="done", rows=dict(counts), truncated=truncated, seconds=round(seconds, 3),
-                pid=None, finished_at=time.time(), **_reasons_field(error_reasons))
-
-
-# The state record's histogram of its committed rows' failure reasons: {"decode: could not read the mp4
-# container": 3, ...}, kinds as `pipeline.rows.Failure.kind`, at most rows.MAX_REASONS of them plus "other".
-# `recaption status` reports it without reading Parquet.
-ERROR_REASONS = "error_reasons"
-
-
-def _reasons_field(error_reasons: dict[str, int] | None) -> dict[str, Any]:
-    return {} if error_reasons is None else {ERROR_REASONS: merge_reasons(None, error_reasons)}
+                pid=None, finished_at=time.time(), **(stats.record_fields() if stats is not None else {}))
 
 
 def record_failure(store: OutputStore, shard: str, url: str, attempt: int, reason: str, final: bool) -> None:
@@ -236,23 +236,26 @@ def shard_status(store: OutputStore, shard: str) -> str:
 class ShardResume:
     """What the output already holds of one shard, asked once by the runner: whether it is finished (its data
     file exists; leftover chunks of an interrupted cleanup are dropped then), the keys committed by earlier
-    attempts, and the error-reason histogram of those committed rows (continued, never double counted)."""
+    attempts, and the counters of those committed rows (`Stats.from_record`: continued, never double counted)."""
 
     shard: str
     finished: bool
     committed_keys: frozenset[str]
-    error_reasons: dict[str, int]
+    stats: Stats
+
+    @property
+    def error_reasons(self) -> dict[str, int]:
+        return self.stats.error_reasons
 
     @classmethod
     def load(cls, store: OutputStore, shard: str) -> ShardResume:
         if store.is_finished(shard):
             store.discard_leftover_chunks(shard)
-            return cls(shard, True, frozenset(), {})
+            return cls(shard, True, frozenset(), Stats())
         keys = frozenset(store.committed_keys(shard))
-        previous = (read_state(store, shard) or {}).get(ERROR_REASONS)
-        # the histogram counts committed rows: without committed chunks an attempt starts it afresh
-        reasons = merge_reasons(previous, {}) if keys and isinstance(previous, dict) else {}
-        return cls(shard, False, keys, reasons)
+        # the record counts committed rows: without committed chunks an attempt starts afresh
+        stats = Stats.from_record(read_state(store, shard)) if keys else Stats()
+        return cls(shard, False, keys, stats)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from model.engine import CaptionEngine, Request, slots_for_memory
 from pipeline.captioning import Captioner
 from pipeline.frames import DecodedClip
 from pipeline.shards import Sample
+from pipeline.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,9 @@ class _Clip:
     en: Any = None  # Generation
 
 
-@dataclass
-class ServiceStats:
-    clips: int = 0
-    fallbacks: int = 0  # clips captioned by the static path after an engine failure
-    model_s: float = 0.0  # time the model thread was working
-    idle_s: float = 0.0  # time it waited for clips
-    engine_restarts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def token_budget(captioner: Captioner) -> int:
     """Cache length per slot: the longest prompt (visual tokens expanded) plus its max_new_tokens."""
-    loaded, m = captioner.loaded, captioner.manifest
+    loaded, m = captioner.loaded, captioner.settings
     tok = loaded.tokenizer
     visual = math.prod(loaded.config.pooling_shape)
     en = len(tok(captioner.prompt_en)["input_ids"]) - 1 + visual + m.generation.max_new_tokens
@@ -102,7 +93,7 @@ def token_budget(captioner: Captioner) -> int:
 
 def choose_slots(captioner: Captioner, max_len: int) -> int:
     """`generation.slots` when set; on CUDA as many as fit in free memory (capped); on a CPU a few."""
-    requested = captioner.manifest.generation.slots
+    requested = captioner.settings.generation.slots
     if captioner.device == "cpu" or not torch.cuda.is_available():
         return requested or CPU_SLOTS
     free, _ = torch.cuda.mem_get_info(torch.device(captioner.device))
@@ -112,7 +103,7 @@ def choose_slots(captioner: Captioner, max_len: int) -> int:
 class CaptionService:
     def __init__(self, captioner: Captioner, *, num_slots: int | None = None, threaded: bool = True):
         self.captioner = captioner
-        m = captioner.manifest
+        m = captioner.settings
         self.max_len = token_budget(captioner)
         self.num_slots = num_slots or choose_slots(captioner, self.max_len)
         self.engine = self._new_engine()
@@ -122,7 +113,7 @@ class CaptionService:
         self._ids = itertools.count()
         self._requests: dict[Any, _Clip] = {}  # engine request id -> clip
         self._error: BaseException | None = None
-        self.stats = ServiceStats()
+        self.stats = Stats()  # clips encoded, model/idle seconds, restarts, fallbacks (pipeline/stats.py)
         self.encode_batch = m.generation.batch_size
         # decoded clips waiting here are uint8 frames (~5 MB each): bound them
         self.max_queued = max(2 * self.num_slots, 2 * self.encode_batch)
@@ -139,7 +130,7 @@ class CaptionService:
             self._thread.start()
 
     def _new_engine(self) -> CaptionEngine:
-        g = self.captioner.manifest.generation
+        g = self.captioner.settings.generation
         return CaptionEngine(self.captioner.loaded, self.num_slots, self.max_len, sync_every=g.sync_every,
                              use_cuda_graphs=g.cuda_graphs and self.captioner.device != "cpu")
 
@@ -235,7 +226,7 @@ class CaptionService:
             self._translate_mt()
 
     def _start(self, batch: list[_Clip]) -> None:
-        c, m = self.captioner, self.captioner.manifest
+        c, m = self.captioner, self.captioner.settings
         try:
             features = c.encode([(x.sample, x.clip) for x in batch])
         except Exception as e:
@@ -254,7 +245,7 @@ class CaptionService:
         c = self.captioner
         rid = (next(self._ids), kind)
         request = Request(rid, ids, features, max_new_tokens=max_new,
-                          repetition_penalty=c.manifest.generation.repetition_penalty, ignore_eos=c.ignore_eos)
+                          repetition_penalty=c.settings.generation.repetition_penalty, ignore_eos=c.ignore_eos)
         try:
             self.engine.submit(request)
         except ValueError as e:  # longer than the cache holds (an unusual caption): the static path does it
@@ -265,7 +256,7 @@ class CaptionService:
 
     def _completed(self, completion: Any) -> None:
         x = self._requests.pop(completion.id)
-        c, m = self.captioner, self.captioner.manifest
+        c, m = self.captioner, self.captioner.settings
         if x.ticket.cancelled:
             return self._deliver(x, None)
         if completion.id[1] == "en":
@@ -287,7 +278,7 @@ class CaptionService:
         return self._deliver(x, c.build_row(x.sample, x.clip, x.en, (g.text, g.num_tokens, g.hit_max_new_tokens)))
 
     def _translate_mt(self) -> None:
-        c, m = self.captioner, self.captioner.manifest
+        c, m = self.captioner, self.captioner.settings
         batch, self._mt = self._mt, []
         live = [x for x in batch if not x.ticket.cancelled]
         for x in batch:

@@ -6,6 +6,7 @@ shard are skipped, and a finished shard is not touched again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -18,12 +19,12 @@ from typing import Any
 
 from pipeline.captioning import Captioner
 from pipeline.decode import DecodePool
-from pipeline.manifest import Manifest, StorageSpec
 from pipeline.progress import ShardResume, mark_done, mark_running, touch_running
-from pipeline.retry import RetryPolicy
-from pipeline.rows import failure_row, merge_reasons, row_failure, sample_failure
+from pipeline.rows import failure_row, sample_failure
 from pipeline.scheduler import CaptionService
+from pipeline.settings import ShardSettings  # noqa: F401  (re-exported: callers build it with run_shard)
 from pipeline.shards import Sample, ShardReader
+from pipeline.stats import Stats
 from pipeline.writing import OutputStore
 
 log = logging.getLogger(__name__)
@@ -46,30 +47,14 @@ class ShardInterrupted(RuntimeError):
 class ShardOutcome:
     shard: str
     url: str
-    counts: dict[str, int] = field(default_factory=dict)
-    rows_new: int = 0
-    keys_skipped: int = 0
-    chunks: int = 0
+    stats: Stats = field(default_factory=Stats)  # this attempt's counters (pipeline/stats.py)
+    counts: dict[str, int] = field(default_factory=dict)  # the finished data file's rows by status
     truncated: str | None = None
     already_done: bool = False
     seconds: float = 0.0
-    wait_decode_s: float = 0.0  # time the model side spent waiting for decoded clips
-    model_s: float = 0.0
-    # failure reasons of the shard's committed rows, earlier attempts' included (pipeline.rows.merge_reasons)
-    error_reasons: dict[str, int] = field(default_factory=dict)
 
-
-@dataclass(frozen=True)
-class ShardSettings:
-    """What the shard runner needs of the job, and nothing else of the manifest."""
-
-    chunk_size: int
-    storage: StorageSpec
-    policy: RetryPolicy
-
-    @classmethod
-    def from_manifest(cls, m: Manifest) -> ShardSettings:
-        return cls(chunk_size=m.chunk_size, storage=m.storage, policy=RetryPolicy.from_manifest(m))
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def run_shard(
@@ -84,13 +69,13 @@ def run_shard(
     on_commit: Callable[[list[dict[str, Any]], ShardOutcome], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     service: CaptionService | None = None,
-    settings: ShardSettings | None = None,
+    settings: ShardSettings,
 ) -> ShardOutcome:
     """One attempt at one shard: resume state → read, decode and submit every fresh clip → wait for its last
     captions → finalize (or raise ShardIncomplete / ShardTimeout / ShardInterrupted with the rows committed)."""
     run = _ShardRun(url, shard, store=store, captioner=captioner, attempt=attempt, on_commit=on_commit,
                     should_stop=should_stop, service=service or default_service(captioner),
-                    settings=settings or ShardSettings.from_manifest(captioner.manifest))
+                    settings=settings)
     if run.resume.finished:
         run.out.already_done = True
         return run.out
@@ -116,15 +101,13 @@ class _ShardRun:
         self.on_commit, self.should_stop, self.service, self.settings = on_commit, should_stop, service, settings
         self.t_start = time.perf_counter()
         self.deadline = time.monotonic() + settings.policy.shard_timeout_s
-        self.out = ShardOutcome(shard=shard, url=url)
         self.resume = ShardResume.load(store, shard)
-        self.out.error_reasons = dict(self.resume.error_reasons)
+        self.out = ShardOutcome(shard=shard, url=url)
         self.reader = ShardReader(url, storage=settings.storage, read_retries=settings.policy.stream_retries,
                                   retry_backoff_s=settings.policy.stream_backoff_s)
         self.ticket = service.open(shard)
         self.model_s_at_start = service.stats.model_s
         self.pending: list[dict[str, Any]] = []
-        self.pending_reasons: list[str] = []  # the failure kinds of the rows in `pending`
 
     # ---- the steps
 
@@ -147,7 +130,7 @@ class _ShardRun:
                         t_wait = time.perf_counter()
                         item = results.get(timeout=0.2)
                         if self.ticket.outstanding == 0:  # the model side had nothing of this shard to work on
-                            self.out.wait_decode_s += time.perf_counter() - t_wait
+                            self.out.stats.wait_decode_s += time.perf_counter() - t_wait
                         if item is _NOT_READY:
                             continue
                     if item is _END:
@@ -169,18 +152,18 @@ class _ShardRun:
 
     def finish(self, file_metadata: dict[bytes, bytes]) -> None:
         out, reader = self.out, self.reader
-        out.model_s = self.service.stats.model_s - self.model_s_at_start  # engine busy time (shared)
+        out.stats.model_s = self.service.stats.model_s - self.model_s_at_start  # engine busy time (shared)
         if reader.members_skipped:
             log.warning("shard %s: %d tar members skipped (%s)", self.shard, reader.members_skipped,
                         ", ".join(f"{k}: {v}" for k, v in sorted(reader.skipped.items())))
         if reader.incomplete:
-            committed = out.rows_new + len(self.resume.committed_keys)
+            committed = out.stats.rows_new + len(self.resume.committed_keys)
             raise ShardIncomplete(f"incomplete: {reader.incomplete} ({committed} rows committed; the next "
                                   f"attempt reads the shard again and resumes after them)")
         counts = self.store.finalize_shard(self.shard, file_metadata)
         out.counts = dict(counts)
         out.seconds = time.perf_counter() - self.t_start
-        mark_done(self.store, self.shard, counts, out.truncated, out.seconds, out.error_reasons)
+        mark_done(self.store, self.shard, counts, out.truncated, out.seconds, self.resume.stats + out.stats)
 
     # ---- helpers
 
@@ -190,7 +173,7 @@ class _ShardRun:
             if sample.cut_by_end:  # not committed: the shard is incomplete, the next attempt reads it whole
                 continue
             if sample.key in seen:  # committed by an earlier attempt, or a duplicate key in the tar
-                self.out.keys_skipped += 1
+                self.out.stats.keys_skipped += 1
                 continue
             seen.add(sample.key)
             yield sample
@@ -200,18 +183,13 @@ class _ShardRun:
         failure = sample_failure(sample, decoded)  # source failed, mp4 missing/cut from the tar, undecodable
         if failure is not None:
             self.pending.append(failure_row(sample, failure, ctx=self.captioner).to_dict())
-            self.pending_reasons.append(failure.kind)
         else:
             while not self.service.submit(self.ticket, sample, decoded, timeout=0.2):  # the engine is full
                 self.check_limits()
                 self.collect()
 
     def collect(self) -> None:
-        for row in self.ticket.take():
-            failure = row_failure(row)  # a captioned clip's row, or the captioner's `error` row
-            if failure is not None:
-                self.pending_reasons.append(failure.kind)
-            self.pending.append(row)
+        self.pending.extend(self.ticket.take())  # captioned clips' rows, or the captioner's `error` rows
         if len(self.pending) >= self.settings.chunk_size:
             self.commit()
 
@@ -220,11 +198,9 @@ class _ShardRun:
             return
         out = self.out
         self.store.commit_chunk(self.shard, self.pending, self.attempt)
-        out.rows_new += len(self.pending)
-        out.chunks += 1
-        out.error_reasons = merge_reasons(out.error_reasons, self.pending_reasons)
-        self.pending_reasons.clear()
-        touch_running(self.store, self.shard, out.error_reasons)
+        out.stats.chunks += 1
+        out.stats.add_rows(self.pending)
+        touch_running(self.store, self.shard, self.resume.stats + out.stats)
         if self.on_commit:
             self.on_commit(list(self.pending), out)
         self.pending.clear()
@@ -235,11 +211,11 @@ class _ShardRun:
             self.collect()
             self.commit()
             raise ShardTimeout(f"shard {self.shard} ran past its {self.settings.policy.shard_timeout_s:g} s limit "
-                               f"({self.out.rows_new} new rows committed; the next attempt resumes after them)")
+                               f"({self.out.stats.rows_new} new rows committed; the next attempt resumes after them)")
         if self.should_stop is not None and self.should_stop():
             self.collect()
             self.commit()  # rows captioned so far; clips still in the engine are redone by the rerun
-            raise ShardInterrupted(f"shard {self.shard} stopped on request ({self.out.rows_new} new rows "
+            raise ShardInterrupted(f"shard {self.shard} stopped on request ({self.out.stats.rows_new} new rows "
                                    f"committed)")
 
 

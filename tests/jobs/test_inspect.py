@@ -54,8 +54,8 @@ def job_output(tiny_checkpoint, shard_source, tmp_path_factory) -> Path:
     from pipeline.captioning import Captioner
     from pipeline.decode import DecodePool
     from pipeline.manifest import load_manifest
-    from pipeline.progress import ensure_job, job_identity
-    from pipeline.shard_runner import run_shard
+    from pipeline.progress import describe_job_model, ensure_job, job_identity
+    from pipeline.shard_runner import ShardSettings, run_shard
     from pipeline.writing import OutputStore
 
     root = tmp_path_factory.mktemp("inspect")
@@ -66,13 +66,13 @@ def job_output(tiny_checkpoint, shard_source, tmp_path_factory) -> Path:
     out = root / "out"
     m = load_manifest(write_manifest(root / "job.yaml", shards=f"{root}/shards/{{00000..00001}}.tar",
                                      output=out, model=tiny_checkpoint))
-    captioner = Captioner(m)
+    captioner = Captioner.from_manifest(m)
     store = OutputStore(str(out))
-    ensure_job(store, m, job_identity(m, captioner.prompt_version))
+    ensure_job(store, m, job_identity(m, describe_job_model(m)))
     with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
         for name in SHARDS:
             run_shard(f"{root}/shards/{name}.tar", name, store=store, captioner=captioner, decode_pool=pool,
-                      attempt=1, file_metadata={})
+                      attempt=1, file_metadata={}, settings=ShardSettings.from_manifest(m))
     path = out / "data" / "00000.parquet"
     table = pq.read_table(path)
     rows = table.to_pylist()

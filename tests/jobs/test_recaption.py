@@ -168,13 +168,12 @@ def test_fingerprint_mismatch_and_bad_manifest_are_refused(tiny_checkpoint, shar
     out = tmp_path / "out"
     out.mkdir()
     first = write_manifest(tmp_path / "a.yaml", shards=f"{shard_dir}/00000.tar", output=out, model=tiny_checkpoint)
-    from jobs.recaption import prompt_version_of
     from pipeline.manifest import load_manifest
-    from pipeline.progress import ensure_job, job_identity
+    from pipeline.progress import describe_job_model, ensure_job, job_identity
     from pipeline.writing import OutputStore
 
     m = load_manifest(first)
-    ensure_job(OutputStore(str(out)), m, job_identity(m, prompt_version_of(m)))
+    ensure_job(OutputStore(str(out)), m, job_identity(m, describe_job_model(m)))
     changed = tmp_path / "b.yaml"
     changed.write_text(first.read_text().replace("lora_alpha: 4", "lora_alpha: 8"))
     proc = run_job([str(changed)], base_env())

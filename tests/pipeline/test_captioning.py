@@ -13,7 +13,7 @@ from pipeline.chinese import normalize_zh
 from pipeline.decode import DecodePool
 from pipeline.manifest import manifest_from_dict
 from pipeline.quality import FLAG_NAMES
-from pipeline.shard_runner import run_shard
+from pipeline.shard_runner import ShardInterrupted, ShardSettings, run_shard
 from pipeline.shards import ShardReader
 from pipeline.writing import COLUMNS, OutputStore
 
@@ -48,12 +48,12 @@ def make_manifest(root, ckpt, mt, out, **over):
 
 
 def run(m, captioner=None):
-    captioner = captioner or Captioner(m)
+    captioner = captioner or Captioner.from_manifest(m)
     store = OutputStore(m.output)
     d = captioner.description  # as the actor builds its pool: the checkpoint's frame count and crop
     with DecodePool(workers=1, max_ahead=4, mode="thread", num_frames=d.num_frames, size=d.image_size) as pool:
         run_shard(m.shards[0], "00000", store=store, captioner=captioner, decode_pool=pool, attempt=1,
-                  file_metadata={})
+                  file_metadata={}, settings=ShardSettings.from_manifest(m))
     return pq.read_table(f"{m.output}/data/00000.parquet").to_pylist(), captioner
 
 
@@ -82,7 +82,7 @@ def test_every_zh_mode_writes_bilingual_rows(artefacts, tmp_path, mode, variant)
 def test_direct_mode_reuses_visual_features(artefacts, tmp_path):
     root, ckpt, mt, _ = artefacts
     m = make_manifest(root, ckpt, mt, tmp_path / "out", zh={"mode": "direct"})
-    captioner = Captioner(m)
+    captioner = Captioner.from_manifest(m)
     calls = []
     encode = captioner.loaded.model.encode_videos
     captioner.loaded.model.encode_videos = lambda pixels: calls.append(pixels.shape[0]) or encode(pixels)
@@ -102,7 +102,7 @@ def test_english_only(artefacts, tmp_path):
 def test_a_bad_clip_becomes_an_error_row_and_the_batch_goes_on(artefacts, tmp_path):
     root, ckpt, mt, _ = artefacts
     m = make_manifest(root, ckpt, mt, tmp_path / "out")
-    captioner = Captioner(m)
+    captioner = Captioner.from_manifest(m)
     with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
         items = [(s, c) for s, c in pool.imap(ShardReader(m.shards[0])) if hasattr(c, "pixel_values")][:2]
     broken = dataclasses.replace(items[1][1], frames=np.zeros((16, 7, 7, 3), np.uint8))  # wrong size for CLIP
@@ -115,8 +115,8 @@ def test_a_bad_clip_becomes_an_error_row_and_the_batch_goes_on(artefacts, tmp_pa
 
 def test_custom_prompts_change_the_prompt_version(artefacts, tmp_path):
     root, ckpt, mt, _ = artefacts
-    default = Captioner(make_manifest(root, ckpt, mt, tmp_path / "a"))
-    custom = Captioner(make_manifest(root, ckpt, mt, tmp_path / "b", prompts={"en": "What happens?"}))
+    default = Captioner.from_manifest(make_manifest(root, ckpt, mt, tmp_path / "a"))
+    custom = Captioner.from_manifest(make_manifest(root, ckpt, mt, tmp_path / "b", prompts={"en": "What happens?"}))
     assert default.prompt_version != custom.prompt_version
     assert "What happens?" in custom.prompt_en
 
@@ -223,7 +223,7 @@ def test_an_8_frame_checkpoint_samples_and_captions_8_frames(artefacts, other_ch
     root, _, mt, planted = artefacts
     eight, _ = other_checkpoints
     m = make_manifest(root, eight, mt, tmp_path / "out", languages=["en"])
-    captioner = Captioner(m)
+    captioner = Captioner.from_manifest(m)
     assert (captioner.description.num_frames, captioner.description.pooling_shape) == (8, (8, 12, 12))
     shapes = []
     encode = captioner.loaded.model.encode_videos
@@ -238,7 +238,7 @@ def test_an_8_frame_checkpoint_samples_and_captions_8_frames(artefacts, other_ch
 def test_16_frames_into_an_8_frame_model_are_refused_with_the_reason(artefacts, other_checkpoints, tmp_path):
     root, _, mt, _ = artefacts
     m = make_manifest(root, other_checkpoints[0], mt, tmp_path / "out", languages=["en"])
-    captioner = Captioner(m)
+    captioner = Captioner.from_manifest(m)
     with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:  # the released 16 frames
         item = next((s, c) for s, c in pool.imap(ShardReader(m.shards[0])) if hasattr(c, "frames"))
     row = captioner.caption_batch([item])[0]
@@ -253,7 +253,7 @@ def test_the_checkpoints_mean_and_std_normalise_the_frames(artefacts, other_chec
     root, _, mt, planted = artefacts
     _, norm = other_checkpoints
     m = make_manifest(root, norm, mt, tmp_path / "out", languages=["en"])
-    captioner = Captioner(m)
+    captioner = Captioner.from_manifest(m)
     assert captioner.description.image_mean == OTHER_MEAN and captioner.description.image_std == OTHER_STD
     fed = []
     encode = captioner.loaded.model.encode_videos
@@ -291,3 +291,49 @@ def test_the_data_file_has_the_row_modules_schema_and_the_record_its_failure_rea
     failures = Counter(row_module.row_failure(r).kind for r in rows if r["status"] in row_module.FAILED_STATUSES)
     assert {k.split(":")[0] for k in failures} == {"source", "decode"}  # the planted failed and corrupt clips
     assert state["error_reasons"] == dict(failures)
+
+
+def test_one_stats_object_feeds_the_progress_record_and_continues_across_attempts(artefacts, tmp_path):
+    """pipeline.stats: the shard's progress record holds its committed rows' counters (rows by status, flags,
+    tokens, failure reasons) equal to what the data file holds, and an attempt that resumes after committed
+    chunks continues them instead of starting from zero."""
+    import json
+    from collections import Counter
+
+    from pipeline.stats import Stats
+
+    root, ckpt, mt, _ = artefacts
+    m = make_manifest(root, ckpt, mt, tmp_path / "out")
+    rows, _ = run(m)
+    state = json.loads((tmp_path / "out/_progress/00000.json").read_text())
+    assert state["committed"] == dict(Counter(r["status"] for r in rows)) == state["rows"]
+    assert state["tokens"] == {"en": sum(r["tokens_en"] or 0 for r in rows),
+                               "zh": sum(r["tokens_zh"] or 0 for r in rows)} and state["tokens"]["en"] > 0
+    assert state["flags"] == dict(Counter(f for r in rows for f in r["caption_flags"]))
+    assert Stats.from_record(state).record_fields() == {k: state[k] for k in ("committed", "flags", "tokens",
+                                                                              "error_reasons")}
+
+    # A second output: the first attempt stops after its first chunk; the rerun continues the counters.
+    m2 = make_manifest(root, ckpt, mt, tmp_path / "out2")
+    captioner = Captioner.from_manifest(m2)
+    store = OutputStore(m2.output)
+    commits = []
+
+    def stop_after_first_chunk():
+        return bool(commits)
+
+    with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
+        with pytest.raises(ShardInterrupted):
+            run_shard(m2.shards[0], "00000", store=store, captioner=captioner, decode_pool=pool, attempt=1,
+                      file_metadata={}, settings=ShardSettings.from_manifest(m2), should_stop=stop_after_first_chunk,
+                      on_commit=lambda chunk, outcome: commits.append(len(chunk)))
+        first = json.loads((tmp_path / "out2/_progress/00000.json").read_text())
+        assert sum(first["committed"].values()) == sum(commits) < len(rows)
+        outcome = run_shard(m2.shards[0], "00000", store=store, captioner=captioner, decode_pool=pool, attempt=2,
+                            file_metadata={}, settings=ShardSettings.from_manifest(m2))
+    assert outcome.stats.rows_new == len(rows) - sum(commits)  # this attempt's rows only
+    again = json.loads((tmp_path / "out2/_progress/00000.json").read_text())
+    rows2 = pq.read_table(f"{m2.output}/data/00000.parquet").to_pylist()
+    assert again["committed"] == dict(Counter(r["status"] for r in rows2)) == again["rows"]
+    assert again["tokens"]["en"] == sum(r["tokens_en"] or 0 for r in rows2)
+    assert again["error_reasons"] == state["error_reasons"]  # the same planted failures, each counted once

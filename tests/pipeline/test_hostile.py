@@ -514,7 +514,7 @@ def test_a_hostile_shard_end_to_end(tmp_path: Path, clips: dict[str, bytes], mon
     from model.tiny import build_tiny_checkpoint
     from pipeline.captioning import Captioner
     from pipeline.manifest import manifest_from_dict
-    from pipeline.shard_runner import run_shard
+    from pipeline.shard_runner import ShardSettings, run_shard
 
     ckpt = build_tiny_checkpoint(tmp_path / "pllava", seed=0)
     shards_dir, out, cwd = tmp_path / "shards", tmp_path / "out", tmp_path / "cwd" / "a" / "b"
@@ -549,8 +549,8 @@ def test_a_hostile_shard_end_to_end(tmp_path: Path, clips: dict[str, bytes], mon
     monkeypatch.chdir(cwd)
     name = shard_name(url)
     with DecodePool(workers=1, max_ahead=4, mode="process", timeout_s=60) as pool:
-        outcome = run_shard(url, name, store=OutputStore(str(out)), captioner=Captioner(m), decode_pool=pool,
-                            attempt=1, file_metadata={})
+        outcome = run_shard(url, name, store=OutputStore(str(out)), captioner=Captioner.from_manifest(m),
+                            decode_pool=pool, attempt=1, file_metadata={}, settings=ShardSettings.from_manifest(m))
     created = _tree(tmp_path) - before
     assert created and all(p.startswith("out") for p in created), sorted(created)
     assert not list(tmp_path.parent.glob("**/escape_e2e*")) and not Path("/tmp/abs_e2e").exists()
@@ -560,4 +560,4 @@ def test_a_hostile_shard_end_to_end(tmp_path: Path, clips: dict[str, bytes], mon
     for key, (status, reason) in expected.items():
         assert got[key][0] == status or (status == "ok" and got[key][0] == "flagged"), (key, got[key])
         assert reason is None or (got[key][1] or "").startswith(reason), (key, got[key])
-    assert outcome.keys_skipped == 0 and outcome.truncated is None
+    assert outcome.stats.keys_skipped == 0 and outcome.truncated is None

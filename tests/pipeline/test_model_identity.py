@@ -16,7 +16,7 @@ import pytest
 from pipeline import model_identity as mi
 from pipeline.manifest import manifest_from_dict
 from pipeline.model_identity import ModelPathError, checkpoint_files, file_sha256, model_identity
-from pipeline.progress import FingerprintMismatch, ensure_job, job_identity
+from pipeline.progress import FingerprintMismatch, describe_job_model, ensure_job, job_identity
 from pipeline.writing import OutputStore
 
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -70,6 +70,11 @@ def manifest(model_path: Path, out: Path):
     return manifest_from_dict({"shards": "x.tar", "output": str(out), "model": {"path": str(model_path)}})
 
 
+def identity(m):
+    """The job identity as the driver computes it: from the checkpoint's one description."""
+    return job_identity(m, describe_job_model(m))
+
+
 def test_files_are_what_the_loader_reads(ckpt, tmp_path):
     names = [p.name for p in checkpoint_files(ckpt)]
     assert names == sorted(names)
@@ -99,8 +104,7 @@ def test_copy_in_another_folder_has_the_same_identity(ckpt, tmp_path):
     assert str(a) == a.label == f"pllava-7b@{a.digest[:12]}"
     assert a.fingerprint_part == f"sha256:{a.digest[:16]}"
     assert a.files[SHARD1] == sha(ckpt / SHARD1)
-    ia = job_identity(manifest(ckpt, tmp_path / "o"), "v1")
-    ib = job_identity(manifest(other, tmp_path / "o"), "v1")
+    ia, ib = (identity(manifest(path, tmp_path / "o")) for path in (ckpt, other))
     assert ia.fingerprint == ib.fingerprint and ia.parts["model"] == a.fingerprint_part
     assert ia.model == a.label  # readable, for logs
 
@@ -112,8 +116,8 @@ def test_other_weights_under_the_same_name_and_config_differ(ckpt, tmp_path):
     a, b = model_identity(ckpt), model_identity(other)
     assert a.name == b.name and a.digest != b.digest
     assert {n for n in a.files if a.files[n] != b.files[n]} == {SHARD2}
-    fp_a = job_identity(manifest(ckpt, tmp_path / "o"), "v1").fingerprint
-    assert job_identity(manifest(other, tmp_path / "o"), "v1").fingerprint != fp_a
+    fp_a = identity(manifest(ckpt, tmp_path / "o")).fingerprint
+    assert identity(manifest(other, tmp_path / "o")).fingerprint != fp_a
 
 
 def test_a_changed_tokenizer_changes_the_identity(ckpt, tmp_path):
@@ -267,17 +271,17 @@ def test_unreadable_file_names_model_path(ckpt, tmp_path, monkeypatch):
 def test_ensure_job_refuses_other_weights_and_accepts_a_copy(ckpt, tmp_path):
     store = OutputStore(str(tmp_path / "out"))
     m = manifest(ckpt, tmp_path / "out")
-    record = ensure_job(store, m, job_identity(m, "v1"))
+    record = ensure_job(store, m, identity(m))
 
     copied = copy(ckpt, tmp_path / "elsewhere" / "renamed")
     m_copy = manifest(copied, tmp_path / "out")
-    assert ensure_job(store, m_copy, job_identity(m_copy, "v1"))["fingerprint"] == record["fingerprint"]
+    assert ensure_job(store, m_copy, identity(m_copy))["fingerprint"] == record["fingerprint"]
 
     changed = copy(ckpt, tmp_path / "x" / "pllava-7b")
     flip_last_byte(changed / SHARD1)
     m_changed = manifest(changed, tmp_path / "out")
     with pytest.raises(FingerprintMismatch) as e:
-        ensure_job(store, m_changed, job_identity(m_changed, "v1"))
+        ensure_job(store, m_changed, identity(m_changed))
     assert "the weights in model.path differ from the weights that wrote this output" in str(e.value)
     assert "lora_alpha" not in str(e.value)
     assert json.loads((tmp_path / "out" / "_job.json").read_text())["fingerprint"] == record["fingerprint"]
@@ -286,7 +290,7 @@ def test_ensure_job_refuses_other_weights_and_accepts_a_copy(ckpt, tmp_path):
 def test_output_of_the_old_name_based_identity_is_explained(ckpt, tmp_path):
     store = OutputStore(str(tmp_path / "out"))
     m = manifest(ckpt, tmp_path / "out")
-    ident = job_identity(m, "v1")
+    ident = identity(m)
     store.write_json(store.path("_job.json"), {"fingerprint": "0" * 16,
                                                "fingerprint_parts": {**ident.parts, "model": "pllava-7b@0123456789ab"}})
     with pytest.raises(FingerprintMismatch) as e:
@@ -299,7 +303,7 @@ def test_output_of_the_old_identity_resumes_when_the_folder_still_matches_it(ckp
 
     store = OutputStore(str(tmp_path / "out"))
     m = manifest(ckpt, tmp_path / "out")
-    ident = job_identity(m, "v1")
+    ident = identity(m)
     old = {"fingerprint": "0" * 16, "fingerprint_parts": {**ident.parts, "model": legacy_model_identity(str(ckpt))}}
     store.write_json(store.path("_job.json"), old)
     record = ensure_job(store, m, ident)

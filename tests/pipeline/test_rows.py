@@ -86,9 +86,8 @@ def test_the_reader_and_the_decoder_map_to_the_contract():
 
 
 def test_failure_rows_are_the_rows_written_before_the_contract():
-    """Byte-for-byte: the same dict (keys, order, values) that base_row built before pipeline/rows.py."""
-    from pipeline.captioning import base_row
-
+    """Byte-for-byte: the same dict (keys, order, values) that `base_row` (now `Row.for_sample`) built before
+    pipeline/rows.py."""
     s = _sample(source_status="failed_to_download", source_error="timeout")
     expected = {
         "key": s.key, "shard": s.shard, "video_id": s.video_id, "url": s.url, "clip_start_s": 1.5, "clip_end_s": 4.0,
@@ -99,7 +98,7 @@ def test_failure_rows_are_the_rows_written_before_the_contract():
     }
     row = failure_row(s, sample_failure(s, None), ctx=CTX).to_dict()
     assert list(row.items()) == list(expected.items())
-    assert base_row(s, None, CTX, status="source_failed", error="timeout") == row
+    assert Row.for_sample(s, None, CTX, status="source_failed", error="timeout").to_dict() == row
     # a caption failure keeps the decoded clip's facts
     clip = _clip()
     row = failure_row(_sample(), Failure("caption", "model error: RuntimeError: boom"), clip, ctx=CTX).to_dict()
@@ -132,18 +131,19 @@ def test_the_histogram_keeps_the_most_frequent_reasons_and_counts_the_rest_as_ot
 
 def test_progress_records_carry_the_histogram(tmp_path):
     from pipeline.progress import ERROR_REASONS, mark_done, mark_running, read_state, touch_running
+    from pipeline.stats import Stats
     from pipeline.writing import OutputStore
 
     store = OutputStore(str(tmp_path))
     mark_running(store, "a", "a.tar", 1, 1)
     touch_running(store, "a")  # the former call: no histogram, none written
     assert ERROR_REASONS not in read_state(store, "a")
-    touch_running(store, "a", {"decode: no frames": 2})
+    touch_running(store, "a", Stats(error_reasons={"decode: no frames": 2}))
     assert read_state(store, "a")[ERROR_REASONS] == {"decode: no frames": 2}
     mark_done(store, "a", {"ok": 3, "decode_error": 2}, None, 1.0)  # the former call keeps it
     assert read_state(store, "a")[ERROR_REASONS] == {"decode: no frames": 2}
     many = {f"source: r{i}": 1 for i in range(MAX_REASONS + 3)}
-    mark_done(store, "a", {"source_failed": MAX_REASONS + 3}, None, 1.0, many)
+    mark_done(store, "a", {"source_failed": MAX_REASONS + 3}, None, 1.0, Stats(error_reasons=many))
     state = read_state(store, "a")
     assert len(state[ERROR_REASONS]) == MAX_REASONS + 1 and state[ERROR_REASONS][OTHER] == 3
 

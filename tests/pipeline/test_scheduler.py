@@ -13,7 +13,7 @@ from pipeline.captioning import Captioner
 from pipeline.decode import DecodePool
 from pipeline.frames import decode_clip
 from pipeline.scheduler import CaptionService
-from pipeline.shard_runner import run_shard
+from pipeline.shard_runner import ShardSettings, run_shard
 from pipeline.shards import ShardReader
 from pipeline.writing import OutputStore
 from tests.pipeline.test_captioning import make_manifest
@@ -48,7 +48,7 @@ def test_engine_rows_equal_the_batch_1_loop(art, tmp_path, mode):
     root, ckpt, mt, _, items = art
     m = make_manifest(root, ckpt, mt, tmp_path / "out", zh={"mode": mode, "max_new_tokens": 24},
                       generation={"max_new_tokens": 24, "batch_size": 2})
-    captioner = Captioner(m)
+    captioner = Captioner.from_manifest(m)
     eos_prone(captioner)
     reference = {s.key: captioner.caption_batch([(s, c)])[0] for s, c in items}  # one clip at a time
     lengths = [r["tokens_en"] for r in reference.values()] + [r["tokens_zh"] for r in reference.values()]
@@ -69,7 +69,7 @@ def test_shards_share_the_engine_and_commit_on_their_own(art, tmp_path):
     root, ckpt, mt, planted, _ = art
     m = make_manifest(root, ckpt, mt, tmp_path / "out", generation={"max_new_tokens": 16, "batch_size": 2},
                       zh={"max_new_tokens": 16})
-    captioner = Captioner(m)
+    captioner = Captioner.from_manifest(m)
     service = CaptionService(captioner, num_slots=4)
     store = OutputStore(m.output)
     mixed_steps = []
@@ -88,7 +88,8 @@ def test_shards_share_the_engine_and_commit_on_their_own(art, tmp_path):
         try:
             with DecodePool(workers=1, max_ahead=2, mode="thread") as pool:
                 run_shard(str(root / f"shards/{name}.tar"), name, store=store, captioner=captioner,
-                          decode_pool=pool, attempt=1, file_metadata={}, service=service)
+                          decode_pool=pool, attempt=1, file_metadata={}, service=service,
+                          settings=ShardSettings.from_manifest(m))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -109,7 +110,7 @@ def test_shards_share_the_engine_and_commit_on_their_own(art, tmp_path):
 def test_an_engine_failure_falls_back_clip_by_clip(art, tmp_path, monkeypatch):
     root, ckpt, mt, _, items = art
     m = make_manifest(root, ckpt, mt, tmp_path / "out")
-    captioner = Captioner(m)
+    captioner = Captioner.from_manifest(m)
     reference = {s.key: captioner.caption_batch([(s, c)])[0] for s, c in items}
     service = CaptionService(captioner, num_slots=2, threaded=False)
     calls = {"n": 0}
@@ -132,7 +133,7 @@ def test_an_engine_failure_falls_back_clip_by_clip(art, tmp_path, monkeypatch):
 def test_a_cancelled_ticket_gets_no_rows_and_frees_the_queue(art, tmp_path):
     root, ckpt, mt, _, items = art
     m = make_manifest(root, ckpt, mt, tmp_path / "out")
-    service = CaptionService(Captioner(m), num_slots=2)
+    service = CaptionService(Captioner.from_manifest(m), num_slots=2)
     ticket = service.open("a")
     other = service.open("b")
     for s, c in items:
@@ -151,7 +152,7 @@ def test_a_service_nobody_holds_is_freed_and_its_thread_ends(art, tmp_path):
     import weakref
 
     root, ckpt, mt, _, _ = art
-    service = CaptionService(Captioner(make_manifest(root, ckpt, mt, tmp_path / "out")), num_slots=2)
+    service = CaptionService(Captioner.from_manifest(make_manifest(root, ckpt, mt, tmp_path / "out")), num_slots=2)
     thread, ref = service._thread, weakref.ref(service)
     assert thread.is_alive()
     del service

@@ -108,6 +108,7 @@ def test_finalize_twice_never_drops_keys(tmp_path):
 
 def test_shard_resume_is_asked_once_and_knows_everything(tmp_path):
     from pipeline.progress import ShardResume, touch_running, write_state
+    from pipeline.stats import Stats
 
     store = OutputStore(str(tmp_path))
     fresh = ShardResume.load(store, "s")
@@ -116,7 +117,7 @@ def test_shard_resume_is_asked_once_and_knows_everything(tmp_path):
     write_state(store, "s", state="running", error_reasons={"decode: x": 2})
     assert ShardResume.load(store, "s").error_reasons == {}
     store.commit_chunk("s", [row("k1"), row("k2", status="decode_error")], attempt=1)
-    touch_running(store, "s", error_reasons={"decode: x": 1})
+    touch_running(store, "s", Stats(error_reasons={"decode: x": 1}))
     resumed = ShardResume.load(store, "s")
     assert resumed.committed_keys == {"k1", "k2"} and resumed.error_reasons == {"decode: x": 1}
     store.finalize_shard("s", {})

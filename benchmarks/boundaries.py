@@ -22,6 +22,7 @@ which slot-steps cannot show and busy time does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import threading
@@ -35,9 +36,10 @@ def _service_with_lengths(captioner, slots: int, lengths: dict[str, tuple[int, i
     class ForcedLengths(CaptionService):
         """Benchmark only: each clip's English/Chinese request gets its drawn length (ignore_eos is on)."""
 
-        def _submit(self, x, kind, ids, features, max_new):
+        def _submit(self, x, kind, ids, features, settings):
             en, zh = lengths[x.sample.key]
-            return super()._submit(x, kind, ids, features, en if kind == "en" else zh)
+            settings = dataclasses.replace(settings, max_new_tokens=en if kind == "en" else zh)
+            return super()._submit(x, kind, ids, features, settings)
 
     return ForcedLengths(captioner, num_slots=slots)
 
@@ -54,7 +56,7 @@ def run(mode: str, args, root: Path, ckpt: Path, names: list[str], lengths) -> d
         "shards": [str(root / f"shards/{n}.tar") for n in names], "output": str(root / f"out-{mode}"),
         "model": {"path": str(ckpt), "dtype": "float32", "device": "cpu"},
         "generation": {"max_new_tokens": longest, "batch_size": 2}, "zh": {"max_new_tokens": longest},
-        "chunk_size": 4,
+        "chunk_size": 4, "quality": {"repair_attempts": 0},  # drawn lengths, no repairs: the schedule alone
     })
     captioner = Captioner.from_manifest(m, ignore_eos=True)
     service = _service_with_lengths(captioner, args.slots, lengths)

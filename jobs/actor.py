@@ -67,7 +67,7 @@ class ShardCaptioner:
         """Ask the running shard to commit what it has captioned and stop (Ctrl-C / SIGTERM on the driver)."""
         self._stop.set()
 
-    def process_shard(self, url: str, shard: str, attempt: int) -> dict[str, Any]:
+    def process_shard(self, url: str, shard: str, attempt: int, redo: tuple[str, ...] | None = None) -> dict[str, Any]:
         from jobs.metrics import record_shard_failure
         from pipeline.shard_runner import ShardInterrupted, run_shard
         from pipeline.stats import Stats
@@ -87,7 +87,7 @@ class ShardCaptioner:
             outcome = run_shard(url, shard, store=self.store, captioner=self.captioner,
                                 decode_pool=self.decode_pool, attempt=attempt, file_metadata=self.file_metadata,
                                 on_commit=on_commit, should_stop=self._stop.is_set, service=self.service,
-                                settings=self.settings)
+                                settings=self.settings, redo=redo)
         except Exception as e:
             if not isinstance(e, ShardInterrupted):
                 record_shard_failure()
@@ -110,6 +110,18 @@ class ShardCaptioner:
             delta.model_s = engine.model_s - self._engine_seen.model_s
             self._engine_seen = engine
         record_stats(delta)
+
+    def estimate(self, picks: list[tuple[str, str, int]]) -> dict[str, Any]:
+        """`recaption estimate`: caption the first clips of the picked shards through this actor's engine,
+        untimed warm-up first; nothing is written. The measured rate and shares (pipeline/estimate.py)."""
+        from pipeline.estimate import measure, read_picks
+
+        if self.init_error:
+            raise RuntimeError(f"actor could not start: {self.init_error}")
+        samples = list(read_picks(picks, self.settings.storage))
+        result = measure(self.service, self.decode_pool, samples)
+        return {**result.summary(), "device": str(self.captioner.device), "slots": self.service.num_slots,
+                "repairs": result.repairs, "peak_memory": _peak_memory()}
 
     def progress(self) -> dict[str, Any]:
         """The shards in hand and the rows committed for them so far."""

@@ -1,6 +1,7 @@
 """`recaption`: one command for operators.
 
     recaption run MANIFEST [...]              run or resume a job (same as python -m jobs.recaption)
+    recaption estimate MANIFEST [...]         clips/s, tokens, GPU-hours and cost, measured on a sample
     recaption status OUT [--json]             per-shard state, rows by status, throughput and ETA
     recaption inspect OUT --html FILE [...]   HTML contact sheet of sampled clips
     recaption make-tiny-checkpoint OUTDIR     tiny random PLLaVA in the released layout (tests, demo)
@@ -17,6 +18,7 @@ import sys
 
 SUBCOMMANDS = {
     "run": ("jobs.recaption", "run or resume a re-captioning job"),
+    "estimate": ("jobs.estimate", "measure a sample of clips: clips/s, tokens, GPU-hours and cost"),
     "status": ("jobs.status", "per-shard state, rows by status, throughput and ETA"),
     "inspect": ("jobs.inspect", "HTML contact sheet of sampled clips with their captions"),
     "make-tiny-checkpoint": ("model.tiny", "write a tiny random PLLaVA in the released checkpoint layout"),

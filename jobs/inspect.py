@@ -178,6 +178,7 @@ figcaption { font-size: 11px; color: #666; text-align: center; }
 .key { font-weight: 600; color: #222; }
 .status, .flag { display: inline-block; border-radius: 3px; padding: 0 5px; font-size: 12px; }
 .status { background: #333; color: #fff; } .flag { background: #fff3c4; border: 1px solid #e0c060; }
+.attempts, .score { display: inline-block; font-size: 12px; color: #555; margin-left: 4px; }
 dl { margin: 0; display: grid; grid-template-columns: 56px 1fr; gap: 2px 8px; }
 dt { color: #777; font-size: 12px; } dd { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; }
 dd.error { color: #b71c1c; }
@@ -206,6 +207,11 @@ def render_card(card: Card) -> str:
     else:
         frames = f'<div class="placeholder">{_e(card.no_frames or f"no frames ({status})")}</div>'
     flags = "".join(f' <span class="flag">{_e(flag)}</span>' for flag in row["caption_flags"] or [])
+    if (row.get("attempts") or 1) > 1:  # the repair pass ran: how many attempts, and what the first one had
+        first = ", ".join(row.get("first_flags") or []) or "no flags"
+        flags += f' <span class="attempts">{int(row["attempts"])} attempts (first: {_e(first)})</span>'
+    if row.get("clip_score") is not None:
+        flags += f' <span class="score">clip score {float(row["clip_score"]):.3f}</span>'
     fields = [("en", "caption-en", row["caption_en"], ' lang="en"'),
               ("zh", "caption-zh", row["caption_zh"], ' lang="zh"'),
               ("source", "source-caption", row["source_caption"], ""),

@@ -30,14 +30,17 @@ from pipeline.preflight import SetupError, check_shards
 from pipeline.progress import (
     JOB_FILE,
     FingerprintMismatch,
+    Plan,
     describe_job_model,
     ensure_job,
     job_identity,
+    plan_redo,
     plan_shards,
     record_failure,
     write_shard_list,
 )
 from pipeline.retry import RetryPolicy
+from pipeline.rows import STATUSES
 from pipeline.settings import ActorSettings
 from pipeline.shards import ShardReadError, expand_shard_spec
 from pipeline.stats import Stats
@@ -50,7 +53,7 @@ POLL_S = 2.0  # how often the driver asks running actors for their progress
 STOP_GRACE_S = 30.0  # after Ctrl-C / SIGTERM, how long running shards get to commit before their actors are killed
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -60,6 +63,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _statuses(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [n for n in names if n not in STATUSES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"{', '.join(bad) or repr(text)}: not a row status; use a comma-separated "
+                                         f"list of {', '.join(STATUSES)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("manifest", help="YAML job spec (see manifests/)")
@@ -67,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="override the manifest's output directory or s3:// URI")
     p.add_argument("--model", help="override model.path: local directory of a PLLaVA checkpoint")
     p.add_argument("--retry-failed", action="store_true", help="rerun only the shards marked failed")
-    p.add_argument("--actors", type=_positive_int, help="override resources.actors (>= 1)")
+    p.add_argument("--redo", type=_statuses, metavar="STATUSES",
+                   help="in an existing output, caption again only the rows with these statuses (comma-separated: "
+                        "flagged, error, decode_error, source_failed, ok); every other row stays as it is")
+    p.add_argument("--actors", type=positive_int, help="override resources.actors (>= 1)")
     p.add_argument("--force", action="store_true",
                    help="take over the output even if another driver's lease on it looks alive (only when you "
                         "know that driver is gone: two drivers on one output caption everything twice)")
@@ -141,6 +156,7 @@ class Task:
     shard: str
     url: str
     attempt: int
+    redo: tuple[str, ...] | None = None  # --redo: the statuses whose rows this shard captions again
 
 
 def prompt_texts(m: Manifest, model: Any) -> dict[str, str]:
@@ -207,7 +223,7 @@ class Interrupted(Exception):
 
 
 def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0, force: bool = False,
-        stop: StopRequest | None = None) -> int:
+        stop: StopRequest | None = None, redo: tuple[str, ...] | None = None) -> int:
     stop = stop or StopRequest()
     store = OutputStore(m.output, m.storage)
     checkpoint_files(m.model.path)  # a bad model.path ends here, named, before anything reads the folder
@@ -215,11 +231,15 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0, forc
     ident = job_identity(m, model)
     shards = check_shards(expand_shard_spec(m.shards), m.storage)
     check_device_setting(m)
+    if redo and store.read_json(store.path(JOB_FILE)) is None:
+        raise SetupError(f"--redo needs an existing output; {m.output} has no {JOB_FILE}")
     lease = acquire(store, force=force)
     try:
         lease.start_heartbeat()
         ensure_job(store, m, ident)
         write_shard_list(store, shards)
+        if redo:
+            return _redo(m, model, store, ident, shards, redo, lease, stop, log_every_s)
         plan = plan_shards(store, shards, retry_failed)
         log.info("code from %s", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         log.info("job %s: %d shards, %d done, %d to run, %d failed left alone (fingerprint %s, output %s)",
@@ -231,6 +251,23 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0, forc
         return _dispatch(m, model, store, ident, plan, names, lease, stop, log_every_s)
     finally:
         lease.release()
+
+
+def _redo(m: Manifest, model: Any, store: OutputStore, ident: Any, shards: list[tuple[str, str]],
+          redo: tuple[str, ...], lease: Any, stop: StopRequest, log_every_s: float) -> int:
+    """`--redo STATUSES`: the finished shards holding rows with those statuses run again, captioning only
+    those rows (pipeline/shard_runner.py `redo`); shards not finished yet are left to a plain rerun."""
+    rp = plan_redo(store, shards, redo)
+    log.info("job %s: redo of %s rows: %d rows in %d of %d shards (fingerprint %s, output %s)", m.name,
+             ",".join(redo), rp.rows, len(rp.to_run), len(shards), ident.fingerprint, m.output)
+    if rp.unfinished:
+        log.warning("%d shard(s) are not finished and are left alone by --redo; rerun without --redo to finish "
+                    "them: %s", len(rp.unfinished), " ".join(rp.unfinished[:10]))
+    names = [name for name, _ in shards]
+    if not rp.to_run:
+        return _finish(store, names, [])
+    plan = Plan(rp.to_run, [], [])
+    return _dispatch(m, model, store, ident, plan, names, lease, stop, log_every_s, redo=redo)
 
 
 def check_device_setting(m: Manifest) -> None:
@@ -252,12 +289,12 @@ def check_cluster(m: Manifest, resources: dict[str, float]) -> None:
 
 
 def _dispatch(m: Manifest, model: Any, store: OutputStore, ident: Any, plan: Any, names: list[str], lease: Any,
-              stop: StopRequest, log_every_s: float) -> int:
+              stop: StopRequest, log_every_s: float, redo: tuple[str, ...] | None = None) -> int:
     """Start the actors, keep every actor's shard places busy until the queue is empty (or a stop), then
     write the dataset card and the summary."""
     ray = connect_ray()
     stop.install()
-    d = _Dispatcher(ray, m, store, ident, plan, lease, stop, log_every_s)
+    d = _Dispatcher(ray, m, store, ident, plan, lease, stop, log_every_s, redo)
     stop.graceful = True
     try:
         while True:
@@ -292,7 +329,7 @@ class _Dispatcher:
     SHARDS_IN_FLIGHT), shards running, the queue; one method per event the loop in `_dispatch` waits for."""
 
     def __init__(self, ray: Any, m: Manifest, store: OutputStore, ident: Any, plan: Any, lease: Any,
-                 stop: StopRequest, log_every_s: float):
+                 stop: StopRequest, log_every_s: float, redo: tuple[str, ...] | None = None):
         from jobs.actor import SHARDS_IN_FLIGHT, ShardCaptioner
 
         self.ray, self.m, self.store, self.lease, self.stop = ray, m, store, lease, stop
@@ -314,7 +351,7 @@ class _Dispatcher:
         # The actor enforces shard_timeout_s between samples; a shard stuck inside a read or a decode that
         # never returns is stopped here by killing its actor (then retried like any actor death).
         self.watchdog_s = self.policy.watchdog_s
-        self.queue = deque(Task(name, url, 1) for name, url in plan.to_run)
+        self.queue = deque(Task(name, url, 1, redo) for name, url in plan.to_run)
         self.starting: dict[Any, Any] = {}  # ready() ref -> actor still loading the model
         self.idle: list[Any] = []  # one entry per free shard place
         self.dead: list[Any] = []  # actors already replaced (their other shard must not replace them twice)
@@ -346,7 +383,7 @@ class _Dispatcher:
         while self.stopping_since is None and self.queue and self.idle:
             task = self.queue.popleft()
             actor = self.idle.pop()
-            ref = actor.process_shard.remote(task.url, task.shard, task.attempt)
+            ref = actor.process_shard.remote(task.url, task.shard, task.attempt, task.redo)
             self.running[ref] = (actor, task)
             self.started[ref] = time.monotonic()
             self.progress.log("shard %s start (attempt %d): %s", task.shard, task.attempt, task.url)
@@ -455,7 +492,7 @@ def _retry_or_fail(store: OutputStore, task: Task, reason: str, policy: RetryPol
     else:
         progress.log("shard %s attempt %d failed (%s); requeued", task.shard, task.attempt, reason,
                      level=logging.WARNING)
-        queue.append(Task(task.shard, task.url, task.attempt + 1))
+        queue.append(Task(task.shard, task.url, task.attempt + 1, task.redo))
     return final
 
 
@@ -490,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()
     try:
         m = resolve_paths(apply_overrides(load_manifest(args.manifest), args), os.getcwd())
-        return run(m, retry_failed=args.retry_failed, log_every_s=args.log_every, force=args.force, stop=stop)
+        if args.redo and args.retry_failed:
+            raise ManifestError("--redo and --retry-failed do not go together: finish the failed shards first")
+        return run(m, retry_failed=args.retry_failed, log_every_s=args.log_every, force=args.force, stop=stop,
+                   redo=args.redo)
     except Interrupted as e:
         print(f"interrupted ({e}) before any shard ran; nothing to resume", file=sys.stderr)
         return 128 + e.signum

@@ -55,6 +55,9 @@ def known_shards(store: OutputStore) -> list[str]:
     return sorted({*listed, *others})
 
 
+REDO_STATUSES = ("flagged", "error", "decode_error", "source_failed")
+
+
 def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[str, Any]:
     if names is None:
         names, others = listed_shards(store)
@@ -67,6 +70,7 @@ def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[s
     by_state: Counter = Counter()
     records: dict[str, dict[str, Any]] = {}
     reasons: Counter = Counter()
+    redo: Counter = Counter()  # rows of finished shards a `--redo STATUS` would caption again
     for name in names:
         state = shard_status(store, name)
         record = read_state(store, name) or {}
@@ -76,6 +80,7 @@ def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[s
         info: dict[str, Any] = {"state": state, "attempts": record.get("attempts", 0)}
         if state == "done":
             counts = _data_counts(store, name)
+            redo.update({k: v for k, v in counts.items() if k in REDO_STATUSES})
         else:
             counts = _chunk_counts(store, name)  # committed rows of a shard in progress, failed or interrupted
         if counts:
@@ -103,6 +108,7 @@ def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[s
         "driver": ({k: lease.get(k) for k in ("host", "pid", "since", "heartbeat_at")} if driver_alive else None),
         "shards_by_state": dict(by_state),
         "rows_by_status": dict(rows),
+        "redo_rows": {k: redo[k] for k in REDO_STATUSES if redo[k]},
         "error_reasons": dict(top_reasons(reasons)),
         "top_error_reasons": [[k, n] for k, n in top_reasons(reasons, TOP_REASONS_JOB)],
         "shards": shards,
@@ -179,6 +185,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("driver: none running")
     lines.append("shards: " + ", ".join(f"{s}={report['shards_by_state'].get(s, 0)}" for s in SHOWN_STATES))
     lines.append("rows:   " + (", ".join(f"{k}={v}" for k, v in sorted(report["rows_by_status"].items())) or "none"))
+    redo = report.get("redo_rows") or {}
+    if redo:
+        lines.append("redo:   rows a `recaption run MANIFEST --redo STATUS,...` would caption again: "
+                     + ", ".join(f"{k}={v}" for k, v in redo.items()))
     top = report.get("top_error_reasons") or []
     if top:
         lines.append("errors: " + _format_reasons(top, sum((report.get("error_reasons") or {}).values())))

@@ -65,6 +65,7 @@ class Request:
     stop_ids: Sequence[int] | None = None  # None: the engine's default (stop_token_ids(loaded))
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    min_new_tokens: int = 0  # the stop ids cannot be picked before this many tokens (repairing an empty caption)
 
 
 @dataclass
@@ -309,6 +310,7 @@ class CaptionEngine:
         self.pos = torch.zeros(s, dtype=torch.long, device=dev)  # where the next input token is written
         self.n_gen = torch.zeros(s, dtype=torch.long, device=dev)
         self.max_new = torch.ones(s, dtype=torch.long, device=dev)
+        self.min_new = torch.zeros(s, dtype=torch.long, device=dev)
         self.active = torch.zeros(s, dtype=torch.bool, device=dev)
         self.penalty = torch.ones(s, dtype=torch.float32, device=dev)
         self.has_penalty = torch.zeros(s, dtype=torch.bool, device=dev)
@@ -460,6 +462,7 @@ class CaptionEngine:
         self.pos[slot] = length
         self.n_gen[slot] = 0
         self.max_new[slot] = request.max_new_tokens
+        self.min_new[slot] = 0 if request.ignore_eos else request.min_new_tokens
         self.active[slot] = True
         penalty = request.repetition_penalty
         self.has_penalty[slot] = penalty is not None
@@ -492,6 +495,11 @@ class CaptionEngine:
         logits = self.logits
         penalised = torch.where(logits > 0, logits / self.penalty[:, None], logits * self.penalty[:, None])
         logits = torch.where(self.has_penalty[:, None] & self.seen, penalised, logits)
+        # min_new_tokens: a slot's stop ids score -inf until it has generated that many (static shapes: every
+        # slot, every step; padding entries of `stops` are -1 and left alone)
+        suppress = (self.n_gen < self.min_new)[:, None] & (self.stops >= 0)  # (S, max_stop_ids)
+        stop_cols = self.stops.clamp(min=0)
+        logits = logits.scatter(1, stop_cols, torch.where(suppress, float("-inf"), logits.gather(1, stop_cols)))
         token = logits.argmax(-1)  # (S,)
         valid = self.active
         stop_hit = valid & ~self.ignore_eos & (token[:, None] == self.stops).any(-1)

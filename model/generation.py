@@ -46,8 +46,10 @@ def greedy_generate(
     max_new_tokens: int,
     repetition_penalty: float | None = None,
     ignore_eos: bool = False,
+    min_new_tokens: int = 0,
 ) -> list[Generation]:
-    """Greedy decoding for a left-padded batch. input_ids/attention_mask (B, L); video_features (B, N, D) or None."""
+    """Greedy decoding for a left-padded batch. input_ids/attention_mask (B, L); video_features (B, N, D) or None.
+    `min_new_tokens`: the stop tokens cannot be picked before that many tokens (the repair of an empty caption)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -83,6 +85,8 @@ def greedy_generate(
         logits = out.logits[:, -1].float()  # (B, V)
         if repetition_penalty is not None:
             logits = _apply_repetition_penalty(logits, seen, repetition_penalty)
+        if step < min_new_tokens and not ignore_eos:
+            logits[:, stops] = float("-inf")
         token = logits.argmax(-1)  # (B,)
         if not ignore_eos:
             token = token.masked_fill(finished, pad_id)
@@ -132,6 +136,7 @@ def generate_captions(
     max_new_tokens: int,
     repetition_penalty: float | None = None,
     ignore_eos: bool = False,
+    min_new_tokens: int = 0,
 ) -> list[Generation]:
     """One caption per (prompt, clip). Each prompt holds one `<image>`; video_features (B, N, D) from
     `loaded.model.encode_videos`, so the same features can serve an English and a Chinese prompt."""
@@ -146,6 +151,7 @@ def generate_captions(
         max_new_tokens=max_new_tokens,
         repetition_penalty=repetition_penalty,
         ignore_eos=ignore_eos,
+        min_new_tokens=min_new_tokens,
     )
 
 
@@ -156,6 +162,7 @@ def generate_text(
     max_new_tokens: int,
     repetition_penalty: float | None = None,
     ignore_eos: bool = False,
+    min_new_tokens: int = 0,
 ) -> list[Generation]:
     """Text-only prompts (no `<image>`), e.g. the translation pass."""
     input_ids, attention_mask = tokenize_prompts(loaded, prompts)
@@ -169,4 +176,5 @@ def generate_text(
         max_new_tokens=max_new_tokens,
         repetition_penalty=repetition_penalty,
         ignore_eos=ignore_eos,
+        min_new_tokens=min_new_tokens,
     )

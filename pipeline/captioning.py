@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,9 @@ from model.loading import load_pllava
 from pipeline.chinese import normalize_zh
 from pipeline.frames import DecodedClip, normalize_frames
 from pipeline.manifest import Manifest
+from pipeline.prompt_fields import clip_fields, fill_fields, has_fields
 from pipeline.quality import detect_flags
+from pipeline.repair import LANGUAGE_HINT, Attempt, GenSettings, best, needs_repair, next_settings
 from pipeline.rows import Failure, Row, Status, failure_row
 from pipeline.settings import CaptionSettings
 from pipeline.shards import Sample
@@ -61,11 +64,16 @@ class Captioner:
         )
         template = self.description.template
         self.prompts = self.description.prompts(m.prompts)
-        self.prompt_en = template.format(self.prompts.en, with_image=True)
+        self.prompt_en = template.format(self.prompts.en, with_image=True)  # as written, before a clip's fields
         self.want_zh = "zh" in m.languages
         self.zh_mode = m.zh.mode
         self.prompt_zh_direct = template.format(self.prompts.zh_direct, with_image=True)
         self.zh_translate_question = self.prompts.zh_translate
+        self.uses_fields = any(has_fields(t) for t in (self.prompts.en, self.prompts.zh_direct,
+                                                       self.prompts.zh_translate))
+        self.repair_attempts = m.quality.repair_attempts
+        self.base_en = GenSettings(m.generation.max_new_tokens, m.generation.repetition_penalty)
+        self.base_zh = GenSettings(m.zh.max_new_tokens, m.generation.repetition_penalty)
         self.translator = None
         if self.want_zh and self.zh_mode == "mt":
             from model.translation import load_translator
@@ -83,7 +91,79 @@ class Captioner:
         self._echo_texts_zh = [t for t in (template.system, template.text_system, instruction,
                                            self.prompts.zh_direct) if t.strip()]
 
-    # ------------------------------------------------------------------------------------------
+    # ---- prompts (pipeline/prompt_fields.py fills a clip's metadata into them)
+
+    def prompt_en_for(self, sample: Sample, clip: Any, settings: GenSettings) -> str:
+        """The English visual prompt for one clip: its metadata filled in, the language hint when repairing."""
+        return self.description.template.format(self._question(self.prompts.en, "en", sample, clip, settings),
+                                                with_image=True)
+
+    def prompt_zh_direct_for(self, sample: Sample, clip: Any, settings: GenSettings) -> str:
+        return self.description.template.format(
+            self._question(self.prompts.zh_direct, "zh", sample, clip, settings), with_image=True)
+
+    def translate_prompt(self, caption_en: str, sample: Sample | None = None, clip: Any = None,
+                         settings: GenSettings | None = None) -> str:
+        """The text-only prompt of the `translate` pass for one English caption."""
+        question = self._question(self.zh_translate_question, "zh", sample, clip, settings)
+        return self.description.template.format(question.replace("{caption}", caption_en), with_image=False)
+
+    @staticmethod
+    def _question(text: str, language: str, sample: Sample | None, clip: Any, settings: GenSettings | None) -> str:
+        if sample is not None:
+            text = fill_fields(text, clip_fields(sample, clip))
+        if settings is not None and settings.language_hint:
+            text = f"{text.rstrip()} {LANGUAGE_HINT[language]}"
+        return text
+
+    # ---- guards and rows
+
+    def attempt(self, generated: Any, language: str, settings: GenSettings) -> Attempt:
+        """One generation (a `Generation` or the translator's output) judged by the quality guards; Chinese
+        text is OpenCC-normalised first."""
+        text = generated.text
+        if language == "zh":
+            text = normalize_zh(text, self.settings.zh.variant)
+        echo = self._echo_texts if language == "en" else self._echo_texts_zh
+        flags = detect_flags(text, language=language, prompt_texts=echo,
+                             hit_max_new_tokens=generated.hit_max_new_tokens)
+        return Attempt(text, generated.num_tokens, generated.hit_max_new_tokens, tuple(flags), settings)
+
+    def repair_due(self, attempts: list[Attempt], language: str) -> bool:
+        """Whether `attempts` (one language of one clip) get another, repairing, attempt."""
+        if language == "zh" and self.zh_mode == "mt":
+            return False  # the seq2seq translator has none of the repair settings
+        return needs_repair(attempts, self.repair_attempts)
+
+    def build_row(self, sample: Sample, clip: DecodedClip, en: list[Attempt],
+                  zh: list[Attempt] | None) -> dict[str, Any]:
+        """The captioned row from each language's attempts: the best attempt's caption and flags, how many
+        attempts were made, and the first attempt's flags."""
+        s = self.stats
+        row = Row.for_sample(sample, clip, self, status=Status.OK)
+        chosen_en = best(en)
+        row.caption_en, row.tokens_en = chosen_en.text, chosen_en.num_tokens
+        flags, first = set(chosen_en.flags), set(en[0].flags)
+        s.tokens_en += chosen_en.num_tokens
+        runs = [en]
+        if zh is not None:
+            chosen_zh = best(zh)
+            row.caption_zh, row.tokens_zh = chosen_zh.text, chosen_zh.num_tokens
+            s.tokens_zh += chosen_zh.num_tokens
+            flags |= set(chosen_zh.flags)
+            first |= set(zh[0].flags)
+            runs.append(zh)
+        for run in runs:  # the work the repairs cost, apart from the rows' own tokens
+            s.repairs += len(run) - 1
+            s.tokens_repair += sum(a.num_tokens for a in run) - best(run).num_tokens
+        row.caption_flags = sorted(flags)
+        row.first_flags = sorted(first)
+        row.attempts = max(len(run) for run in runs)
+        row.status = Status.FLAGGED if flags else Status.OK
+        return row.to_dict()
+
+    # ---- the static batch path (the engine's fallback; benchmarks)
+
     def caption_batch(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
         if not items:
             return []
@@ -102,17 +182,18 @@ class Captioner:
             return rows
 
     def _caption(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
-        m = self.settings
         t0 = time.perf_counter()
         features = self.encode(items)  # (B, N_vis, D)
         with torch.inference_mode():
             t1 = time.perf_counter()
-            en = generate_captions(self.loaded, [self.prompt_en] * len(items), features,
-                                   max_new_tokens=m.generation.max_new_tokens,
-                                   repetition_penalty=m.generation.repetition_penalty,
-                                   ignore_eos=self.ignore_eos)
+
+            def english(idx: list[int], settings: GenSettings) -> list[Any]:
+                prompts = [self.prompt_en_for(*items[i], settings) for i in idx]
+                return generate_captions(self.loaded, prompts, features[idx], **self._decoding(settings))
+
+            en = self._attempts_with_repairs(len(items), "en", self.base_en, english)
             t2 = time.perf_counter()
-            zh = self._chinese(features, [g.text for g in en]) if self.want_zh else None
+            zh = self._chinese(items, features, [best(a).text for a in en]) if self.want_zh else None
             t3 = time.perf_counter()
         s = self.stats
         s.clips += len(items)
@@ -123,26 +204,49 @@ class Captioner:
         return [self.build_row(sample, clip, en[i], zh[i] if zh is not None else None)
                 for i, (sample, clip) in enumerate(items)]
 
-    def build_row(self, sample: Sample, clip: DecodedClip, g_en: Generation,
-                  zh: tuple[str, int, bool] | None) -> dict[str, Any]:
-        """The captioned row: English generation, Chinese (text, tokens, hit max_new_tokens), quality flags."""
-        s = self.stats
-        flags = set(detect_flags(g_en.text, language="en", prompt_texts=self._echo_texts,
-                                 hit_max_new_tokens=g_en.hit_max_new_tokens))
-        row = Row.for_sample(sample, clip, self, status=Status.OK)
-        row.caption_en = g_en.text
-        row.tokens_en = g_en.num_tokens
-        s.tokens_en += g_en.num_tokens
-        if zh is not None:
-            text, n_tokens, hit_max = zh
-            row.caption_zh = normalize_zh(text, self.settings.zh.variant)
-            row.tokens_zh = n_tokens
-            s.tokens_zh += n_tokens
-            flags |= set(detect_flags(row.caption_zh, language="zh", prompt_texts=self._echo_texts_zh,
-                                      hit_max_new_tokens=hit_max))
-        row.caption_flags = sorted(flags)
-        row.status = Status.FLAGGED if flags else Status.OK
-        return row.to_dict()
+    def _decoding(self, settings: GenSettings) -> dict[str, Any]:
+        return {"max_new_tokens": settings.max_new_tokens, "repetition_penalty": settings.repetition_penalty,
+                "min_new_tokens": settings.min_new_tokens, "ignore_eos": self.ignore_eos}
+
+    def _attempts_with_repairs(self, n: int, language: str, base: GenSettings,
+                               generate: Callable[[list[int], GenSettings], list[Any]],
+                               todo: list[int] | None = None) -> list[list[Attempt]]:
+        """First attempts for items `todo` (default all), then repairs while due: items sharing the next
+        settings are generated as one batch."""
+        runs: list[list[Attempt]] = [[] for _ in range(n)]
+        groups = {base: list(range(n)) if todo is None else todo}
+        while groups:
+            for settings, idx in groups.items():
+                for i, g in zip(idx, generate(idx, settings) if idx else []):
+                    runs[i].append(self.attempt(g, language, settings))
+            groups = {}
+            for i, run in enumerate(runs):
+                if run and self.repair_due(run, language):
+                    groups.setdefault(next_settings(run, base.max_new_tokens), []).append(i)
+        return runs
+
+    def _chinese(self, items: list[tuple[Sample, DecodedClip]], features: torch.Tensor,
+                 captions_en: list[str]) -> list[list[Attempt]]:
+        if self.zh_mode == "direct":
+            def direct(idx: list[int], settings: GenSettings) -> list[Any]:
+                prompts = [self.prompt_zh_direct_for(*items[i], settings) for i in idx]
+                return generate_captions(self.loaded, prompts, features[idx], **self._decoding(settings))
+
+            return self._attempts_with_repairs(len(items), "zh", self.base_zh, direct)
+        if self.zh_mode == "mt":
+            out = self.translator.translate(captions_en, max_new_tokens=self.settings.zh.max_new_tokens,
+                                            batch_size=len(captions_en))
+            return [[self.attempt(t, "zh", self.base_zh)] for t in out]
+
+        # translate: a text-only pass of the same LLM over the English caption (no visual tokens).
+        def translate(idx: list[int], settings: GenSettings) -> list[Any]:
+            prompts = [self.translate_prompt(captions_en[i], *items[i], settings) for i in idx]
+            return generate_text(self.loaded, prompts, **self._decoding(settings))
+
+        todo = [i for i, c in enumerate(captions_en) if c.strip()]
+        runs = self._attempts_with_repairs(len(items), "zh", self.base_zh, translate, todo=todo)
+        nothing = Generation(text="", token_ids=[], num_tokens=0, hit_max_new_tokens=False)
+        return [run or [self.attempt(nothing, "zh", self.base_zh)] for run in runs]  # no English: no Chinese
 
     def encode(self, items: list[tuple[Sample, DecodedClip]]) -> torch.Tensor:
         """Visual features (B, N, D) of decoded clips: uint8 frames normalised on the model's device, CLIP,
@@ -157,31 +261,3 @@ class Captioner:
             frames = frames.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
             return self.loaded.model.encode_videos(normalize_frames(frames, d.image_mean, d.image_std))
-
-    def translate_prompt(self, caption_en: str) -> str:
-        """The text-only prompt of the `translate` pass for one English caption."""
-        return self.description.template.format(self.zh_translate_question.replace("{caption}", caption_en),
-                                           with_image=False)
-
-    def _chinese(self, features: torch.Tensor, captions_en: list[str]) -> list[tuple[str, int, bool]]:
-        m = self.settings
-        if self.zh_mode == "direct":
-            out = generate_captions(self.loaded, [self.prompt_zh_direct] * len(captions_en), features,
-                                    max_new_tokens=m.zh.max_new_tokens,
-                                    repetition_penalty=m.generation.repetition_penalty,
-                                    ignore_eos=self.ignore_eos)
-            return [(g.text, g.num_tokens, g.hit_max_new_tokens) for g in out]
-        if self.zh_mode == "mt":
-            out = self.translator.translate(captions_en, max_new_tokens=m.zh.max_new_tokens,
-                                            batch_size=len(captions_en))
-            return [(t.text, t.num_tokens, t.hit_max_new_tokens) for t in out]
-        # translate: a text-only pass of the same LLM over the English caption (no visual tokens).
-        prompts = [self.translate_prompt(c) for c in captions_en]
-        results: list[tuple[str, int, bool]] = [("", 0, False)] * len(captions_en)
-        todo = [i for i, c in enumerate(captions_en) if c.strip()]
-        if todo:
-            out = generate_text(self.loaded, [prompts[i] for i in todo], max_new_tokens=m.zh.max_new_tokens,
-                                repetition_penalty=m.generation.repetition_penalty, ignore_eos=self.ignore_eos)
-            for i, g in zip(todo, out):
-                results[i] = (g.text, g.num_tokens, g.hit_max_new_tokens)
-        return results

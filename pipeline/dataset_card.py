@@ -25,17 +25,20 @@ def _hf_feature(name: str, dtype: pa.DataType) -> dict[str, Any]:
     return {"name": name, "dtype": str(dtype).replace("double", "float64")}
 
 
-def collect_counts(store: OutputStore) -> tuple[Counter, Counter, int]:
-    """Rows by status and by flag over the finished shards, and the number of finished shards."""
+def collect_counts(store: OutputStore) -> tuple[Counter, Counter, int, int]:
+    """Rows by status and by flag over the finished shards, the number of finished shards, and the rows the
+    repair pass captioned again (attempts > 1)."""
     statuses: Counter = Counter()
     flags: Counter = Counter()
+    repaired = 0
     files = store.list_files(store.path("data"), ".parquet")
     for path in files:
-        table = store.read_table(path, columns=["status", "caption_flags"])
+        table = store.read_table(path, columns=["status", "caption_flags", "attempts"])
         statuses.update(table.column("status").to_pylist())
         for row_flags in table.column("caption_flags").to_pylist():
             flags.update(row_flags or [])
-    return statuses, flags, len(files)
+        repaired += sum(1 for a in table.column("attempts").to_pylist() if a is not None and a > 1)
+    return statuses, flags, len(files), repaired
 
 
 def frames_lines(description: ModelDescription | None) -> list[str]:
@@ -54,7 +57,7 @@ def frames_lines(description: ModelDescription | None) -> list[str]:
 
 
 def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards: int,
-                prompts: dict[str, str], description: ModelDescription | None = None) -> str:
+                prompts: dict[str, str], description: ModelDescription | None = None, repaired: int = 0) -> str:
     manifest = job["manifest"]
     parts = job.get("fingerprint_parts", {})
     languages = manifest.get("languages", ["en"])
@@ -90,6 +93,8 @@ def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards
     ]
     if "zh" in languages:
         lines.append(f"- Chinese: mode `{zh.get('mode')}`, normalised with OpenCC to `{zh.get('variant')}`")
+    lines.append("- Repair pass: a flagged caption is generated again with settings meant to fix its flag; each "
+                 "row's `attempts` and `first_flags` say what it took, `caption_flags` are the kept attempt's")
     lines += ["", "### Prompts", ""]
     for name, text in prompts.items():
         lines.append(f"- {name}: {text!r}")
@@ -107,6 +112,8 @@ def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards
         "| --- | --- |",
         *([f"| {k} | {v} |" for k, v in sorted(flags.items())] or ["| (none) | 0 |"]),
         "",
+        f"Rows captioned again by the repair pass: {repaired}.",
+        "",
         "## Software",
         "",
         *[f"- {k} {v}" for k, v in sorted(job.get("versions", {}).items())],
@@ -121,7 +128,7 @@ def write_dataset_card(store: OutputStore, job: dict[str, Any], prompts: dict[st
                        description: ModelDescription | None = None) -> str:
     """`prompts`: the wording in effect; `description`: the checkpoint's, for the frame facts (the
     released checkpoints' 16 frames, 336 px, CLIP mean/std and 16×12×12 pooling when None)."""
-    statuses, flags, n_shards = collect_counts(store)
-    text = render_card(job, statuses, flags, n_shards, prompts, description)
+    statuses, flags, n_shards, repaired = collect_counts(store)
+    text = render_card(job, statuses, flags, n_shards, prompts, description, repaired)
     store.write_atomic(store.path(CARD_FILE), text.encode())
     return text

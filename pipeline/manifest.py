@@ -23,6 +23,7 @@ LANGUAGES = ("en", "zh")
 ZH_MODES = ("translate", "direct", "mt")
 ZH_VARIANTS = ("zh-Hans", "zh-Hant", "zh-TW", "zh-HK")
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_REPAIR_ATTEMPTS = 5
 DECODE_MODES = ("thread", "process")
 
 
@@ -93,6 +94,14 @@ class RetrySpec:
 
 
 @dataclass(frozen=True)
+class QualitySpec:
+    # Regenerate a caption the guards flag (empty, echo, repetition, truncated, wrong_language) up to this many
+    # times, with settings meant to fix the flag (pipeline/repair.py); 0 turns repairs off. Not in the
+    # fingerprint: a repair changes only flagged captions, and each row records its attempts.
+    repair_attempts: int = 1
+
+
+@dataclass(frozen=True)
 class ResourceSpec:
     actors: int | None = None  # None: one per GPU in the cluster (or a CPU count when there are none)
     num_gpus_per_actor: float = 1.0
@@ -123,6 +132,7 @@ class Manifest:
     resources: ResourceSpec = field(default_factory=ResourceSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
     retry: RetrySpec = field(default_factory=RetrySpec)
+    quality: QualitySpec = field(default_factory=QualitySpec)
     chunk_size: int = 256
     max_attempts: int = 3
     # A shard running longer fails this attempt (committed chunks are kept; the retry resumes after them).
@@ -323,6 +333,9 @@ def _check_values(m: Manifest, source: str) -> None:
     for name, value in positive:
         if value <= 0:
             raise bad(name, f"must be > 0, got {value}")
+    if not 0 <= m.quality.repair_attempts <= MAX_REPAIR_ATTEMPTS:
+        raise bad("quality.repair_attempts", f"must be between 0 and {MAX_REPAIR_ATTEMPTS}, got "
+                                             f"{m.quality.repair_attempts}")
     if m.retry.stream_retries < 0 or m.retry.watchdog_margin_s < 0:
         raise bad("retry", "stream_retries and watchdog_margin_s must be >= 0")
     if m.resources.num_gpus_per_actor < 0 or m.resources.num_cpus_per_actor < 0:

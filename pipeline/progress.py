@@ -179,13 +179,14 @@ def write_state(store: OutputStore, shard: str, **fields: Any) -> dict[str, Any]
 MAX_INTERVALS = 50  # earlier attempts' [start, end] kept per shard, for the active-time rate in status
 
 
-def mark_running(store: OutputStore, shard: str, url: str, attempt: int, pid: int) -> None:
+def mark_running(store: OutputStore, shard: str, url: str, attempt: int, pid: int,
+                 redo: tuple[str, ...] | None = None) -> None:
     state = read_state(store, shard) or {}
     intervals = list(state.get("intervals") or [])
     if state.get("started_at") and state.get("updated_at"):  # the previous attempt's active span
         intervals = (intervals + [[state["started_at"], state["updated_at"]]])[-MAX_INTERVALS:]
     write_state(store, shard, url=url, state="running", attempts=attempt, pid=pid, host=socket.gethostname(),
-                started_at=time.time(), intervals=intervals, finished_at=None)
+                started_at=time.time(), intervals=intervals, finished_at=None, redo=list(redo) if redo else None)
 
 
 def touch_running(store: OutputStore, shard: str, stats: Stats | None = None) -> None:
@@ -198,7 +199,7 @@ def touch_running(store: OutputStore, shard: str, stats: Stats | None = None) ->
 def mark_done(store: OutputStore, shard: str, counts: dict[str, int], truncated: str | None,
               seconds: float, stats: Stats | None = None) -> None:
     write_state(store, shard, state="done", rows=dict(counts), truncated=truncated, seconds=round(seconds, 3),
-                pid=None, finished_at=time.time(), **(stats.record_fields() if stats is not None else {}))
+                pid=None, finished_at=time.time(), redo=None, **(stats.record_fields() if stats is not None else {}))
 
 
 def record_failure(store: OutputStore, shard: str, url: str, attempt: int, reason: str, final: bool) -> None:
@@ -236,19 +237,25 @@ def shard_status(store: OutputStore, shard: str) -> str:
 class ShardResume:
     """What the output already holds of one shard, asked once by the runner: whether it is finished (its data
     file exists; leftover chunks of an interrupted cleanup are dropped then), the keys committed by earlier
-    attempts, and the counters of those committed rows (`Stats.from_record`: continued, never double counted)."""
+    attempts, and the counters of those committed rows (`Stats.from_record`: continued, never double counted).
+
+    For a redo (`--redo STATUSES`) of a finished shard: not finished, `redo_keys` the data file's keys with those
+    statuses, `committed_keys` the replacement rows an interrupted redo already committed."""
 
     shard: str
     finished: bool
     committed_keys: frozenset[str]
     stats: Stats
+    redo_keys: frozenset[str] | None = None
 
     @property
     def error_reasons(self) -> dict[str, int]:
         return self.stats.error_reasons
 
     @classmethod
-    def load(cls, store: OutputStore, shard: str) -> ShardResume:
+    def load(cls, store: OutputStore, shard: str, redo: tuple[str, ...] | None = None) -> ShardResume:
+        if redo:
+            return cls._load_redo(store, shard, redo)
         if store.is_finished(shard):
             store.discard_leftover_chunks(shard)
             return cls(shard, True, frozenset(), Stats())
@@ -256,6 +263,16 @@ class ShardResume:
         # the record counts committed rows: without committed chunks an attempt starts afresh
         stats = Stats.from_record(read_state(store, shard)) if keys else Stats()
         return cls(shard, False, keys, stats)
+
+    @classmethod
+    def _load_redo(cls, store: OutputStore, shard: str, redo: tuple[str, ...]) -> ShardResume:
+        if not store.is_finished(shard):
+            raise RuntimeError(f"shard {shard} has no data file to redo rows of")
+        table = store.read_table(store.data_path(shard), columns=["key", "status"])
+        wanted = set(redo)
+        keys = frozenset(k for k, st in zip(table.column("key").to_pylist(), table.column("status").to_pylist())
+                         if st in wanted)
+        return cls(shard, False, frozenset(store.committed_keys(shard)), Stats(), redo_keys=keys)
 
 
 @dataclass(frozen=True)
@@ -279,3 +296,38 @@ def plan_shards(store: OutputStore, shards: list[tuple[str, str]], retry_failed:
         elif not retry_failed:
             to_run.append((name, url))
     return Plan(to_run, done, failed)
+
+
+@dataclass(frozen=True)
+class RedoPlan:
+    to_run: list[tuple[str, str]]  # finished shards holding rows with the statuses to redo
+    rows: int  # how many rows that is
+    unfinished: list[str]  # shards without a data file: a plain rerun finishes them; --redo leaves them alone
+
+
+def redo_counts(record: dict[str, Any] | None, statuses: tuple[str, ...]) -> int | None:
+    """Rows of a finished shard with these statuses, from its progress record (`mark_done` writes the data
+    file's counts); None when the record does not say."""
+    rows = (record or {}).get("rows")
+    if (record or {}).get("state") != "done" or not isinstance(rows, dict):
+        return None
+    return sum(n for k, n in rows.items() if k in statuses and isinstance(n, int))
+
+
+def plan_redo(store: OutputStore, shards: list[tuple[str, str]], statuses: tuple[str, ...]) -> RedoPlan:
+    """Which finished shards a `--redo STATUSES` run works on: those whose rows include the statuses. Counts
+    come from the progress records; a shard whose record does not say (an older output) is counted from its
+    data file's status column."""
+    to_run, unfinished, total = [], [], 0
+    for name, url in shards:
+        if not store.is_finished(name):
+            unfinished.append(name)
+            continue
+        n = redo_counts(read_state(store, name), statuses)
+        if n is None:
+            column = store.read_table(store.data_path(name), columns=["status"]).column("status").to_pylist()
+            n = sum(st in statuses for st in column)
+        if n or store.chunk_paths(name):  # (chunks: an interrupted redo's replacement rows, finished now)
+            to_run.append((name, url))
+            total += n
+    return RedoPlan(to_run, total, unfinished)

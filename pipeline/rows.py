@@ -68,6 +68,9 @@ SCHEMA = pa.schema(
         ("model", pa.string()),
         ("lora_alpha", pa.float64()),
         ("prompt_version", pa.string()),
+        ("attempts", pa.int32()),
+        ("first_flags", pa.list_(pa.string())),
+        ("clip_score", pa.float32()),
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
@@ -119,6 +122,9 @@ class Row:
     model: str | None = None
     lora_alpha: float | None = None
     prompt_version: str | None = None
+    attempts: int | None = None  # caption generations of the language that needed most (1: no repair)
+    first_flags: list[Flag | str] | None = None  # the first attempt's flags (what the repair pass fixed)
+    clip_score: float | None = None  # CLIP similarity of caption_en and the clip's frames (score.model)
 
     @classmethod
     def for_sample(cls, sample: Sample, clip: Any, ctx: Any, *, status: Status | str,
@@ -154,6 +160,8 @@ class Row:
         out = {f.name: getattr(self, f.name) for f in _FIELDS}
         out["status"] = Status(out["status"]).value
         out["caption_flags"] = [Flag(f).value for f in out["caption_flags"]]
+        if out["first_flags"] is not None:
+            out["first_flags"] = [Flag(f).value for f in out["first_flags"]]
         return out
 
 

@@ -22,14 +22,17 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from model.engine import CaptionEngine, Request, slots_for_memory
+from model.generation import Generation
 from pipeline.captioning import Captioner
 from pipeline.frames import DecodedClip
+from pipeline.prompt_fields import FIELDS
+from pipeline.repair import Attempt, GenSettings, best, max_budget, next_settings
 from pipeline.shards import Sample
 from pipeline.stats import Stats
 
@@ -71,23 +74,38 @@ class _Clip:
     ticket: Ticket
     sample: Sample
     clip: DecodedClip
-    features: torch.Tensor | None = None  # kept until the Chinese request is admitted (direct mode)
-    en: Any = None  # Generation
+    features: torch.Tensor | None = None  # kept while a request may still need them (repairs, direct mode)
+    settings: Any = None  # GenSettings of the request in the engine
+    en: list[Attempt] = field(default_factory=list)
+    zh: list[Attempt] = field(default_factory=list)
+
+
+# Tokens allowed for each metadata field a prompt names ({source_caption}, ...); a clip whose filled prompt is
+# longer than the cache holds is captioned by the static path instead.
+FIELD_TOKENS = 96
 
 
 def token_budget(captioner: Captioner) -> int:
-    """Cache length per slot: the longest prompt (visual tokens expanded) plus its max_new_tokens."""
-    loaded, m = captioner.loaded, captioner.settings
+    """Cache length per slot: the longest prompt (visual tokens expanded, the repair pass's language hint, the
+    metadata fields) plus the largest token budget an attempt may have (a repair of a truncated caption)."""
+    loaded, c = captioner.loaded, captioner
     tok = loaded.tokenizer
     visual = math.prod(loaded.config.pooling_shape)
-    en = len(tok(captioner.prompt_en)["input_ids"]) - 1 + visual + m.generation.max_new_tokens
-    need = [en]
-    if captioner.want_zh and captioner.zh_mode == "direct":
-        need.append(len(tok(captioner.prompt_zh_direct)["input_ids"]) - 1 + visual + m.zh.max_new_tokens)
-    if captioner.want_zh and captioner.zh_mode == "translate":
-        base = len(tok(captioner.translate_prompt(""))["input_ids"])
+    repairing = c.repair_attempts > 0
+    hint = GenSettings(1, language_hint=repairing)
+    fields = FIELD_TOKENS * len(FIELDS) if c.uses_fields else 0
+    en_new = max_budget(c.base_en.max_new_tokens) if repairing else c.base_en.max_new_tokens
+    zh_new = max_budget(c.base_zh.max_new_tokens) if repairing else c.base_zh.max_new_tokens
+
+    def length(prompt: str) -> int:
+        return len(tok(prompt)["input_ids"]) + fields
+
+    need = [length(c.prompt_en_for(None, None, hint)) - 1 + visual + en_new]
+    if c.want_zh and c.zh_mode == "direct":
+        need.append(length(c.prompt_zh_direct_for(None, None, hint)) - 1 + visual + zh_new)
+    if c.want_zh and c.zh_mode == "translate":
         # the English caption re-tokenised can come out a little longer than its generated ids
-        need.append(base + int(m.generation.max_new_tokens * 1.25) + 16 + m.zh.max_new_tokens)
+        need.append(length(c.translate_prompt("", None, None, hint)) + int(en_new * 1.25) + 16 + zh_new)
     return max(need)
 
 
@@ -110,7 +128,7 @@ class CaptionService:
         self._cv = threading.Condition()
         self._inbox: deque[_Clip] = deque()  # submitted, not yet encoded
         self._mt: list[_Clip] = []  # English done, waiting for the seq2seq translator (zh.mode mt)
-        self._ids = itertools.count()
+        self._request_ids = itertools.count()
         self._requests: dict[Any, _Clip] = {}  # engine request id -> clip
         self._error: BaseException | None = None
         self.stats = Stats()  # clips encoded, model/idle seconds, restarts, fallbacks (pipeline/stats.py)
@@ -118,8 +136,6 @@ class CaptionService:
         # decoded clips waiting here are uint8 frames (~5 MB each): bound them
         self.max_queued = max(2 * self.num_slots, 2 * self.encode_batch)
         self.reading = threading.Lock()  # one shard reads and decodes at a time; the engine is shared
-        self._en_ids = captioner.loaded.tokenizer(captioner.prompt_en)["input_ids"]
-        self._direct_ids = captioner.loaded.tokenizer(captioner.prompt_zh_direct)["input_ids"]
         self._closed = False
         self._thread: threading.Thread | None = None
         if threaded:
@@ -226,7 +242,7 @@ class CaptionService:
             self._translate_mt()
 
     def _start(self, batch: list[_Clip]) -> None:
-        c, m = self.captioner, self.captioner.settings
+        c = self.captioner
         try:
             features = c.encode([(x.sample, x.clip) for x in batch])
         except Exception as e:
@@ -237,15 +253,32 @@ class CaptionService:
         self.stats.clips += len(batch)
         c.stats.clips += len(batch)
         for x, f in zip(batch, features):
-            if c.want_zh and c.zh_mode == "direct":
-                x.features = f
-            self._submit(x, "en", self._en_ids, f, m.generation.max_new_tokens)
+            x.features = f  # until the English is final (repairs), or the Chinese too (direct mode)
+            self._submit_en(x, c.base_en)
 
-    def _submit(self, x: _Clip, kind: str, ids: list[int], features: torch.Tensor | None, max_new: int) -> None:
+    def _ids(self, prompt: str) -> list[int]:
+        return self.captioner.loaded.tokenizer(prompt)["input_ids"]
+
+    def _submit_en(self, x: _Clip, settings: GenSettings) -> None:
+        self._submit(x, "en", self._ids(self.captioner.prompt_en_for(x.sample, x.clip, settings)), x.features,
+                     settings)
+
+    def _submit_zh(self, x: _Clip, settings: GenSettings) -> None:
         c = self.captioner
-        rid = (next(self._ids), kind)
-        request = Request(rid, ids, features, max_new_tokens=max_new,
-                          repetition_penalty=c.settings.generation.repetition_penalty, ignore_eos=c.ignore_eos)
+        if c.zh_mode == "direct":
+            ids, features = self._ids(c.prompt_zh_direct_for(x.sample, x.clip, settings)), x.features
+        else:  # translate: text only, over the kept English caption
+            ids, features = self._ids(c.translate_prompt(best(x.en).text, x.sample, x.clip, settings)), None
+        self._submit(x, "zh", ids, features, settings)
+
+    def _submit(self, x: _Clip, kind: str, ids: list[int], features: torch.Tensor | None,
+                settings: GenSettings) -> None:
+        c = self.captioner
+        rid = (next(self._request_ids), kind)
+        x.settings = settings
+        request = Request(rid, ids, features, max_new_tokens=settings.max_new_tokens,
+                          repetition_penalty=settings.repetition_penalty, min_new_tokens=settings.min_new_tokens,
+                          ignore_eos=c.ignore_eos)
         try:
             self.engine.submit(request)
         except ValueError as e:  # longer than the cache holds (an unusual caption): the static path does it
@@ -255,27 +288,28 @@ class CaptionService:
         self._requests[rid] = x
 
     def _completed(self, completion: Any) -> None:
+        """An English or Chinese request finished: judge it, repair it when due, else go on to the next pass
+        (or deliver the row)."""
         x = self._requests.pop(completion.id)
-        c, m = self.captioner, self.captioner.settings
+        c = self.captioner
         if x.ticket.cancelled:
             return self._deliver(x, None)
-        if completion.id[1] == "en":
-            x.en = completion.generation
-            if not c.want_zh:
-                return self._deliver(x, c.build_row(x.sample, x.clip, x.en, None))
-            if c.zh_mode == "mt":
-                self._mt.append(x)
-            elif c.zh_mode == "direct":
-                features, x.features = x.features, None
-                self._submit(x, "zh", self._direct_ids, features, m.zh.max_new_tokens)
-            elif not x.en.text.strip():  # nothing to translate (as the static path does)
-                self._deliver(x, c.build_row(x.sample, x.clip, x.en, ("", 0, False)))
-            else:
-                ids = c.loaded.tokenizer(c.translate_prompt(x.en.text))["input_ids"]
-                self._submit(x, "zh", ids, None, m.zh.max_new_tokens)
-            return None
-        g = completion.generation
-        return self._deliver(x, c.build_row(x.sample, x.clip, x.en, (g.text, g.num_tokens, g.hit_max_new_tokens)))
+        language = completion.id[1]
+        attempts = x.en if language == "en" else x.zh
+        attempts.append(c.attempt(completion.generation, language, x.settings))
+        if c.repair_due(attempts, language):
+            settings = next_settings(attempts, (c.base_en if language == "en" else c.base_zh).max_new_tokens)
+            return self._submit_en(x, settings) if language == "en" else self._submit_zh(x, settings)
+        if language == "zh" or not c.want_zh:
+            return self._deliver(x, c.build_row(x.sample, x.clip, x.en, x.zh if c.want_zh else None))
+        if c.zh_mode == "mt":
+            self._mt.append(x)
+        elif c.zh_mode == "translate" and not best(x.en).text.strip():  # nothing to translate (as the static path)
+            nothing = Generation(text="", token_ids=[], num_tokens=0, hit_max_new_tokens=False)
+            self._deliver(x, c.build_row(x.sample, x.clip, x.en, [c.attempt(nothing, "zh", c.base_zh)]))
+        else:
+            self._submit_zh(x, c.base_zh)
+        return None
 
     def _translate_mt(self) -> None:
         c, m = self.captioner, self.captioner.settings
@@ -287,7 +321,7 @@ class CaptionService:
         if not live:
             return
         try:
-            out = c.translator.translate([x.en.text for x in live], max_new_tokens=m.zh.max_new_tokens,
+            out = c.translator.translate([best(x.en).text for x in live], max_new_tokens=m.zh.max_new_tokens,
                                          batch_size=len(live))
         except Exception as e:
             log.warning("translating %d captions failed (%s); captioning them one by one", len(live), e)
@@ -295,7 +329,7 @@ class CaptionService:
                 self._fallback(x)
             return
         for x, t in zip(live, out):
-            self._deliver(x, c.build_row(x.sample, x.clip, x.en, (t.text, t.num_tokens, t.hit_max_new_tokens)))
+            self._deliver(x, c.build_row(x.sample, x.clip, x.en, [c.attempt(t, "zh", c.base_zh)]))
 
     def _recover(self, error: Exception) -> None:
         """The engine failed mid-step: a fresh engine, and the clips it held captioned one by one."""
@@ -314,6 +348,7 @@ class CaptionService:
         self._deliver(x, row)
 
     def _deliver(self, x: _Clip, row: dict[str, Any] | None) -> None:
+        x.features = None
         with self._cv:
             x.ticket.outstanding -= 1
             if row is not None and not x.ticket.cancelled:

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.manifest import DecodeSpec, GenerationSpec, Manifest, ModelSpec, PromptSpec, StorageSpec, ZhSpec
+from pipeline.manifest import (
+    DecodeSpec,
+    GenerationSpec,
+    Manifest,
+    ModelSpec,
+    PromptSpec,
+    QualitySpec,
+    StorageSpec,
+    ZhSpec,
+)
 from pipeline.retry import RetryPolicy
 
 
@@ -23,10 +32,12 @@ class CaptionSettings:
     prompts: PromptSpec
     generation: GenerationSpec
     zh: ZhSpec
+    quality: QualitySpec = QualitySpec()
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> CaptionSettings:
-        return cls(model=m.model, languages=tuple(m.languages), prompts=m.prompts, generation=m.generation, zh=m.zh)
+        return cls(model=m.model, languages=tuple(m.languages), prompts=m.prompts, generation=m.generation, zh=m.zh,
+                   quality=m.quality)
 
 
 @dataclass(frozen=True)

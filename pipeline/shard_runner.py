@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.captioning import Captioner
 from pipeline.decode import DecodePool
-from pipeline.progress import ShardResume, mark_done, mark_running, touch_running
+from pipeline.progress import ShardResume, mark_done, mark_running, read_state, touch_running
 from pipeline.rows import failure_row, sample_failure
 from pipeline.scheduler import CaptionService
 from pipeline.settings import ShardSettings  # noqa: F401  (re-exported: callers build it with run_shard)
@@ -70,16 +70,21 @@ def run_shard(
     should_stop: Callable[[], bool] | None = None,
     service: CaptionService | None = None,
     settings: ShardSettings,
+    redo: tuple[str, ...] | None = None,
 ) -> ShardOutcome:
     """One attempt at one shard: resume state → read, decode and submit every fresh clip → wait for its last
-    captions → finalize (or raise ShardIncomplete / ShardTimeout / ShardInterrupted with the rows committed)."""
+    captions → finalize (or raise ShardIncomplete / ShardTimeout / ShardInterrupted with the rows committed).
+
+    `redo` (statuses): a finished shard's rows with these statuses are captioned again and replace the old ones;
+    every other row stays as it was."""
     run = _ShardRun(url, shard, store=store, captioner=captioner, attempt=attempt, on_commit=on_commit,
                     should_stop=should_stop, service=service or default_service(captioner),
-                    settings=settings)
+                    settings=settings, redo=redo)
     if run.resume.finished:
         run.out.already_done = True
+        run.settle_record()
         return run.out
-    mark_running(store, shard, url, attempt, os.getpid())
+    mark_running(store, shard, url, attempt, os.getpid(), redo=redo)
     try:
         run.read_and_submit(decode_pool)
         run.wait_for_captions()
@@ -96,12 +101,14 @@ class _ShardRun:
 
     def __init__(self, url: str, shard: str, *, store: OutputStore, captioner: Captioner, attempt: int,
                  on_commit: Callable[[list[dict[str, Any]], ShardOutcome], None] | None,
-                 should_stop: Callable[[], bool] | None, service: CaptionService, settings: ShardSettings):
+                 should_stop: Callable[[], bool] | None, service: CaptionService, settings: ShardSettings,
+                 redo: tuple[str, ...] | None = None):
         self.shard, self.store, self.captioner, self.attempt = shard, store, captioner, attempt
         self.on_commit, self.should_stop, self.service, self.settings = on_commit, should_stop, service, settings
         self.t_start = time.perf_counter()
         self.deadline = time.monotonic() + settings.policy.shard_timeout_s
-        self.resume = ShardResume.load(store, shard)
+        self.redo = redo
+        self.resume = ShardResume.load(store, shard, redo)
         self.out = ShardOutcome(shard=shard, url=url)
         self.reader = ShardReader(url, storage=settings.storage, read_retries=settings.policy.stream_retries,
                                   retry_backoff_s=settings.policy.stream_backoff_s)
@@ -160,17 +167,38 @@ class _ShardRun:
             committed = out.stats.rows_new + len(self.resume.committed_keys)
             raise ShardIncomplete(f"incomplete: {reader.incomplete} ({committed} rows committed; the next "
                                   f"attempt reads the shard again and resumes after them)")
-        counts = self.store.finalize_shard(self.shard, file_metadata)
+        counts = self.store.finalize_shard(self.shard, file_metadata, replace=bool(self.redo))
         out.counts = dict(counts)
         out.seconds = time.perf_counter() - self.t_start
-        mark_done(self.store, self.shard, counts, out.truncated, out.seconds, self.resume.stats + out.stats)
+        mark_done(self.store, self.shard, counts, out.truncated, out.seconds,
+                  self.file_stats() if self.redo else self.resume.stats + out.stats)
 
     # ---- helpers
 
+    def settle_record(self) -> None:
+        """The shard was finished by an earlier attempt whose actor died before the driver heard of it (the
+        driver then recorded a failed attempt): its record says done again, with the data file's counts."""
+        state = read_state(self.store, self.shard) or {}
+        if state.get("state") == "done":
+            return
+        table = self.store.read_table(self.store.data_path(self.shard), columns=["status"])
+        counts = Counter(table.column("status").to_pylist())
+        mark_done(self.store, self.shard, counts, state.get("truncated"), float(state.get("seconds") or 0.0))
+
+    def file_stats(self) -> Stats:
+        """The counters of the data file's rows (after a redo replaced some of them)."""
+        columns = ["status", "caption_flags", "tokens_en", "tokens_zh", "error"]
+        stats = Stats()
+        stats.add_rows(self.store.read_table(self.store.data_path(self.shard), columns=columns).to_pylist())
+        return stats
+
     def fresh_samples(self) -> Iterator[Sample]:
         seen = set(self.resume.committed_keys)
+        redo = self.resume.redo_keys
         for sample in self.reader:
             if sample.cut_by_end:  # not committed: the shard is incomplete, the next attempt reads it whole
+                continue
+            if redo is not None and sample.key not in redo:  # a redo: only the rows asked for
                 continue
             if sample.key in seen:  # committed by an earlier attempt, or a duplicate key in the tar
                 self.out.stats.keys_skipped += 1

@@ -483,6 +483,7 @@ class Sample:
     clip_start_s: float | None = None
     clip_end_s: float | None = None
     source_caption: str | None = None
+    title: str | None = None  # the source video's title, when the metadata has one (video2dataset yt_meta_dict)
     source_status: str = "unknown"  # the json's status ("success", "failed_to_download", ...)
     source_error: str | None = None  # the json's error_message, or why the json is missing/unusable
     meta_error: str | None = None  # fields of a readable json that could not be parsed (non-fatal)
@@ -619,6 +620,12 @@ def build_sample(key: str, shard: str, members: dict[str, bytes], read_error: st
             sample.source_caption = _capped(caption, "caption", problems)
         elif caption is not None:
             problems.append(f"caption is a {type(caption).__name__}")
+        title = meta.get("title")
+        yt_meta = meta.get("yt_meta_dict")
+        if title is None and isinstance(yt_meta, dict) and isinstance(yt_meta.get("info"), dict):
+            title = yt_meta["info"].get("title")
+        if isinstance(title, str):
+            sample.title = _capped(title, "title", problems)
         json_key = meta.get("key")
         if json_key is not None and json_key != key:
             problems.append(f"json key {str(json_key)[:40]!r} differs from the member key")

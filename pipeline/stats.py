@@ -46,6 +46,8 @@ class Stats:
     keys_skipped: int = 0  # keys already committed by an earlier attempt (or repeated in the tar)
     fallbacks: int = 0  # clips captioned by the static path after an engine failure
     engine_restarts: int = 0
+    repairs: int = 0  # repair attempts generated (pipeline/repair.py)
+    tokens_repair: int = 0  # tokens those attempts generated beyond the kept captions'
     seconds_vision: float = 0.0
     seconds_en: float = 0.0
     seconds_zh: float = 0.0

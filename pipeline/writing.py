@@ -210,18 +210,21 @@ class OutputStore:
     def is_finished(self, shard: str) -> bool:
         return self.exists(self.data_path(shard))
 
-    def finalize_shard(self, shard: str, metadata: dict[bytes, bytes]) -> Counter:
+    def finalize_shard(self, shard: str, metadata: dict[bytes, bytes], replace: bool = False) -> Counter:
         """Merge the committed chunks, dedupe by key (first commit wins), write data/{shard}.parquet.
 
         The data file is the completion marker; chunks are removed only after it exists, so a
         crash anywhere in here leaves either the chunks or the finished file, never neither. If the
         data file already exists its rows are kept and merged first, so finalizing twice never drops a key.
+        `replace` (a redo of some rows): the chunks' rows go first instead, replacing the data file's rows of
+        the same keys; every other row is kept as it was.
         """
         for attempt in range(STORAGE_RETRIES):
             try:
                 tables = [self._read_table(p) for p in self.chunk_paths(shard)]
                 if self.is_finished(shard):  # a late second finalizer (e.g. a zombie actor): union, never shrink
-                    tables.insert(0, self._read_table(self.data_path(shard)))
+                    existing = self._read_table(self.data_path(shard))
+                    tables = [*tables, existing] if replace else [existing, *tables]
                 break
             except FileNotFoundError:  # a concurrent finalizer merged and removed a chunk: read again
                 if attempt == STORAGE_RETRIES - 1:
@@ -255,8 +258,12 @@ class OutputStore:
 def _read_renamed(f: Any, columns: list[str] | None) -> pa.Table:
     wanted = list(columns or COLUMNS)
     read = [OLD_FLAGS_COLUMN if c == FLAGS_COLUMN else c for c in wanted]
-    table = pq.read_table(f, columns=read)
+    present = set(pq.read_schema(f).names)
+    table = pq.read_table(f, columns=[c for c in read if c in present])
     table = table.rename_columns([FLAGS_COLUMN if c == OLD_FLAGS_COLUMN else c for c in table.column_names])
+    for name in wanted:  # columns added after the file was written (e.g. attempts) read as nulls
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
     return table.select(wanted) if columns else table.select(list(COLUMNS)).cast(SCHEMA)
 
 

@@ -95,6 +95,8 @@ def test_failure_rows_are_the_rows_written_before_the_contract():
         "error": "timeout", "caption_flags": [], "frame_indices": None, "num_frames": None, "fps": None,
         "duration_s": None, "width": None, "height": None, "tokens_en": None, "tokens_zh": None,
         "model": "pllava-tiny@abc", "lora_alpha": 4.0, "prompt_version": "vicuna-v1/recaption-v1",
+        # columns added since (issue 15): null for a failure
+        "attempts": None, "first_flags": None, "clip_score": None,
     }
     row = failure_row(s, sample_failure(s, None), ctx=CTX).to_dict()
     assert list(row.items()) == list(expected.items())

@@ -18,7 +18,8 @@ from pipeline.shards import ShardReader
 from pipeline.writing import OutputStore
 from tests.pipeline.test_captioning import make_manifest
 
-COMPARED = ("caption_en", "caption_zh", "tokens_en", "tokens_zh", "caption_flags", "status", "frame_indices")
+COMPARED = ("caption_en", "caption_zh", "tokens_en", "tokens_zh", "caption_flags", "status", "frame_indices",
+            "attempts", "first_flags")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@
     recaption inspect OUT --html FILE [...]   HTML contact sheet of sampled clips
     recaption make-tiny-checkpoint OUTDIR     tiny random PLLaVA in the released layout (tests, demo)
     recaption make-synthetic-shards OUTDIR    Panda-70M-style webdataset shards with real H.264 clips
+    recaption make-tiny-clip OUTDIR           tiny random CLIP in the Hugging Face layout (score.model tests)
 
 `recaption SUBCOMMAND --help` lists each subcommand's flags. The module entry points
 (`python -m jobs.recaption`, ...) stay the ones to use with `ray job submit`.
@@ -23,6 +24,7 @@ SUBCOMMANDS = {
     "inspect": ("jobs.inspect", "HTML contact sheet of sampled clips with their captions"),
     "make-tiny-checkpoint": ("model.tiny", "write a tiny random PLLaVA in the released checkpoint layout"),
     "make-synthetic-shards": ("pipeline.synthetic", "write Panda-70M-style webdataset shards"),
+    "make-tiny-clip": ("model.tiny_clip", "write a tiny random CLIP in the Hugging Face layout (score.model)"),
 }
 
 

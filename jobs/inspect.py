@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
+import heapq
 import html
 import io
-import random
 import sys
 import time
 from collections import Counter
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from model.describe import evenly_spaced
 from pipeline.progress import JOB_FILE, read_shard_list
 from pipeline.rows import COLUMNS, STATUSES
 from pipeline.shards import ShardReader, ShardReadError, expand_shard_spec, shard_name
@@ -30,6 +33,7 @@ from pipeline.writing import OutputStore
 
 DEFAULT_SAMPLE = 24
 THUMBS_PER_CLIP = 4
+SORTS = ("random", "score", "score-desc")
 THUMB_WIDTH = 160
 CSP_META = ('<meta http-equiv="Content-Security-Policy" '
             "content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">")
@@ -61,12 +65,59 @@ def read_columns(store: OutputStore, path: str, columns: list[str]) -> list[dict
     return store.read_table(path, columns=columns).to_pylist()
 
 
-def sample_rows(candidates: list[tuple[str, str]], n: int, seed: int) -> list[tuple[str, str]]:
-    """A deterministic sample of ``n`` (shard, key) pairs (all when ``n`` is 0), in (shard, key) order."""
-    ordered = sorted(candidates)
-    if n and len(ordered) > n:
-        ordered = sorted(random.Random(seed).sample(ordered, n))
-    return ordered
+def read_selection_columns(store: OutputStore, path: str, scored: bool) -> list[dict[str, Any]]:
+    """key, status and clip_score of a file's rows (clip_score read only when a score option asks for it;
+    None in a file written before the column existed)."""
+    if scored:
+        try:
+            return read_columns(store, path, ["key", "status", "clip_score"])
+        except (KeyError, pa.ArrowInvalid):
+            pass
+    return [{**row, "clip_score": None} for row in read_columns(store, path, ["key", "status"])]
+
+
+def score_matches(score: float | None, args: argparse.Namespace) -> bool:
+    """Whether a row's clip_score passes --min-score/--max-score (and has a score when sorting by it)."""
+    if args.sort == "random" and args.min_score is None and args.max_score is None:
+        return True
+    if score is None:
+        return False
+    return (args.min_score is None or score >= args.min_score) and (args.max_score is None or score <= args.max_score)
+
+
+def sample_rank(seed: int, shard: str, key: str) -> int:
+    """The row's place in the random sample of ``seed``: a hash, so the sample does not depend on the order
+    the files are read in, and choosing it needs memory for the chosen rows only."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{shard}\0{key}".encode(), digest_size=8).digest(), "big")
+
+
+@dataclass
+class Chooser:
+    """Which matching rows get a card, keeping only the ``n`` chosen so far (all when ``n`` is 0): a random
+    sample by ``sample_rank``, or the ``n`` lowest (``sort="score"``) or highest (``"score-desc"``) clip
+    scores. Its memory grows with ``n`` and one data file's rows, never with the output's row count."""
+
+    n: int
+    seed: int = 0
+    sort: str = "random"
+    kept: list[tuple[Any, str, str]] = field(default_factory=list)  # (rank, shard, key)
+
+    def rank(self, shard: str, key: str, score: float | None) -> Any:
+        if self.sort == "score":
+            return (score, shard, key)
+        if self.sort == "score-desc":
+            return (-score, shard, key)
+        return (sample_rank(self.seed, shard, key), shard, key)
+
+    def offer(self, shard: str, rows: list[tuple[str, float | None]]) -> None:
+        """One file's matching (key, clip_score) rows."""
+        fresh = [(self.rank(shard, key, score), shard, key) for key, score in rows]
+        self.kept = heapq.nsmallest(self.n, self.kept + fresh) if self.n else self.kept + fresh
+
+    def chosen(self) -> list[tuple[str, str]]:
+        """(shard, key) of the chosen rows: by score when sorting by it, else in (shard, key) order."""
+        ordered = sorted(self.kept) if self.sort != "random" else sorted(self.kept, key=lambda t: t[1:])
+        return [(shard, key) for _, shard, key in ordered]
 
 
 def shard_urls(store: OutputStore) -> dict[str, str]:
@@ -86,9 +137,7 @@ def shard_urls(store: OutputStore) -> dict[str, str]:
 
 def thumbnail_positions(n: int, k: int = THUMBS_PER_CLIP) -> list[int]:
     """``k`` evenly spaced positions in a list of ``n`` (first and last included): 16 → 0, 5, 10, 15."""
-    if n <= k:
-        return list(range(n))
-    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+    return evenly_spaced(n, k)
 
 
 def thumbnail_size(width: int, height: int, thumb_width: int = THUMB_WIDTH) -> tuple[int, int]:
@@ -261,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", action="append", metavar="STATUS",
                    help=f"only rows with this status; repeatable or comma-separated ({', '.join(STATUSES)})")
     p.add_argument("--shard", action="append", metavar="NAME", help="only these shards; repeatable or comma-separated")
+    p.add_argument("--sort", choices=SORTS, default="random",
+                   help="random: a sample (default); score: the lowest clip_score first (the captions least like "
+                        "their clips); score-desc: the highest first. Sorting leaves out rows without a score")
+    p.add_argument("--min-score", type=float, metavar="X", help="only rows with clip_score >= X")
+    p.add_argument("--max-score", type=float, metavar="X", help="only rows with clip_score <= X")
     args = p.parse_args(argv)
     statuses, shards = _names(args.status), _names(args.shard)
     if args.sample < 0:
@@ -274,32 +328,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     files = data_files(store, shards)
     counts: Counter = Counter()
-    candidates: list[tuple[str, str]] = []
+    chooser = Chooser(args.sample, args.seed, args.sort)
+    scored = args.sort != "random" or args.min_score is not None or args.max_score is not None
+    matching = 0
     for name, path in files.items():
-        for row in read_columns(store, path, ["key", "status"]):
-            counts[row["status"]] += 1
-            if statuses is None or row["status"] in statuses:
-                candidates.append((name, row["key"]))
-    chosen = sample_rows(candidates, args.sample, args.seed)
+        rows = read_selection_columns(store, path, scored)
+        counts.update(row["status"] for row in rows)
+        picked = [(row["key"], row["clip_score"]) for row in rows
+                  if (statuses is None or row["status"] in statuses) and score_matches(row["clip_score"], args)]
+        matching += len(picked)
+        chooser.offer(name, picked)
+    chosen = chooser.chosen()
 
     urls = shard_urls(store)
-    cards: list[Card] = []
+    cards: dict[tuple[str, str], Card] = {}
     for name in sorted({shard for shard, _ in chosen}):
         keys = {key for shard, key in chosen if shard == name}
         shard_cards = [Card(row) for row in read_columns(store, files[name], CARD_COLUMNS) if row["key"] in keys]
         fill_thumbnails(shard_cards, urls.get(name))
-        cards.extend(shard_cards)
-    cards.sort(key=lambda card: (card.row["shard"], card.row["key"]))
+        cards.update(((name, card.row["key"]), card) for card in shard_cards)
+    shown = [cards[pair] for pair in chosen if pair in cards]
 
     filters = "; ".join(part for part in (
         f"status in {','.join(sorted(statuses))}" if statuses else "",
         f"shard in {','.join(sorted(shards))}" if shards else "",
+        f"clip_score >= {args.min_score:g}" if args.min_score is not None else "",
+        f"clip_score <= {args.max_score:g}" if args.max_score is not None else "",
+        "rows without a clip_score left out" if scored else "",
     ) if part) or "none"
-    filters += f"; sample {args.sample or 'all'}, seed {args.seed}"
+    if args.sort == "random":
+        filters += f"; sample {args.sample or 'all'}, seed {args.seed}"
+    else:
+        order = "lowest" if args.sort == "score" else "highest"
+        filters += f"; the {args.sample or 'all'} {order} clip scores first"
     args.html.parent.mkdir(parents=True, exist_ok=True)
-    args.html.write_text(render_report(args.output, counts, filters, len(candidates), cards), encoding="utf-8")
-    unreadable = sum(1 for card in cards if card.no_frames and card.no_frames.startswith("shard not readable"))
-    print(f"wrote {args.html}: {len(cards)} cards of {len(candidates)} matching rows "
+    args.html.write_text(render_report(args.output, counts, filters, matching, shown), encoding="utf-8")
+    unreadable = sum(1 for card in shown if card.no_frames and card.no_frames.startswith("shard not readable"))
+    print(f"wrote {args.html}: {len(shown)} cards of {matching} matching rows "
           f"({sum(counts.values())} rows in {len(files)} shards)"
           + (f"; {unreadable} cards without frames: shard not readable" if unreadable else ""))
     return 0

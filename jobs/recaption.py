@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.progress_report import ProgressReporter, format_snapshot
+from model.describe import ScoreModelInfo, describe_score_model
 from pipeline.dataset_card import write_dataset_card
 from pipeline.lease import LeaseHeld, acquire
 from pipeline.manifest import Manifest, ManifestError, load_manifest, resolve_paths
@@ -227,6 +228,7 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0, forc
     stop = stop or StopRequest()
     store = OutputStore(m.output, m.storage)
     checkpoint_files(m.model.path)  # a bad model.path ends here, named, before anything reads the folder
+    score_model(m)  # so does a bad score.model
     model = describe_job_model(m)  # frames, prompts, content identity: the driver's one look at the checkpoint
     ident = job_identity(m, model)
     shards = check_shards(expand_shard_spec(m.shards), m.storage)
@@ -268,6 +270,11 @@ def _redo(m: Manifest, model: Any, store: OutputStore, ident: Any, shards: list[
         return _finish(store, names, [])
     plan = Plan(rp.to_run, [], [])
     return _dispatch(m, model, store, ident, plan, names, lease, stop, log_every_s, redo=redo)
+
+
+def score_model(m: Manifest) -> ScoreModelInfo | None:
+    """The score.model checkpoint, checked without torch (CheckpointError naming what is wrong), or None."""
+    return describe_score_model(m.score.model, m.score.allow_pickle) if m.score.model else None
 
 
 def check_device_setting(m: Manifest) -> None:
@@ -320,7 +327,8 @@ def _dispatch(m: Manifest, model: Any, store: OutputStore, ident: Any, plan: Any
         if lease.lost.is_set() and not stop.requested:
             return EXIT_USAGE
         return stop.exit_code
-    write_dataset_card(store, store.read_json(store.path(JOB_FILE)), prompt_texts(m, model), description=model)
+    write_dataset_card(store, store.read_json(store.path(JOB_FILE)), prompt_texts(m, model), description=model,
+                       score=score_model(m), score_frames=m.score.frames)
     return _finish(store, names, d.failed)
 
 

@@ -116,7 +116,7 @@ def describe_checkpoint(
     model_dir = Path(model_dir)
     config = PllavaConfig.from_dir(model_dir)
     family = detect_family(config, _tokenizer_markers(model_dir))
-    mean, std, size = read_preprocessor(model_dir, config)
+    mean, std, size = read_preprocessor(model_dir, config.vision["image_size"])
     return ModelDescription(
         path=str(model_dir),
         name=config.name_or_path or model_dir.resolve().name,
@@ -141,10 +141,10 @@ def _tokenizer_markers(model_dir: Path) -> dict[str, int]:
 
 
 def read_preprocessor(
-    model_dir: str | Path, config: PllavaConfig
+    model_dir: str | Path, clip_size: int
 ) -> tuple[tuple[float, float, float], tuple[float, float, float], int]:
     """(image_mean, image_std, crop size) from `preprocessor_config.json`: CLIP's mean/std when absent, the crop
-    defaulting to (and required to equal) CLIP's `vision_config.image_size`."""
+    defaulting to (and required to equal) CLIP's `vision_config.image_size` (`clip_size`)."""
     path = Path(model_dir) / PREPROCESSOR
     raw: Any = {}
     if path.is_file():
@@ -158,7 +158,6 @@ def read_preprocessor(
     std = _three_numbers(raw.get("image_std", CLIP_STD), "image_std", path)
     if not all(s > 0 for s in std):
         raise CheckpointError(f"{path}: image_std must be positive, got {list(std)}")
-    clip_size = config.vision["image_size"]
     crop = raw.get("crop_size", clip_size)
     if isinstance(crop, dict):
         height, width = crop.get("height"), crop.get("width", crop.get("height"))
@@ -178,3 +177,66 @@ def _three_numbers(value: Any, name: str, path: Path) -> tuple[float, float, flo
     ):
         raise CheckpointError(f"{path}: {name} must have 3 finite numbers, got {value!r}")
     return (float(value[0]), float(value[1]), float(value[2]))
+
+
+# ---- the optional score model (score.model; model/clip_score.py loads it)
+
+
+@dataclass(frozen=True)
+class ScoreModelInfo:
+    """What the driver learns of a CLIP score checkpoint without torch: enough to fail fast and to name it."""
+
+    path: str
+    name: str  # the folder name, e.g. "clip-vit-large-patch14-336"
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    max_text_tokens: int  # CLIP's text positions: 77
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` evenly spaced positions among ``n`` (first and last included): 16, 4 -> 0, 5, 10, 15; the frames
+    a clip is scored on, and the thumbnails of `recaption inspect`."""
+    if n <= k:
+        return list(range(n))
+    if k == 1:
+        return [n // 2]
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
+def describe_score_model(path: str | Path, allow_pickle: bool = False) -> ScoreModelInfo:
+    """Check that `path` holds a CLIP checkpoint in the Hugging Face layout that we can load (config, weights,
+    tokenizer, preprocessing); CheckpointError with one line saying what is wrong otherwise. JSON only."""
+    d = Path(path)
+    where = f"score.model: {path}"
+    if not d.is_dir():
+        raise CheckpointError(f"{where} is not a directory (a local CLIP checkpoint in the Hugging Face layout, "
+                              "e.g. a download of openai/clip-vit-large-patch14-336)")
+    try:
+        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} has no config.json") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{where}/config.json is unreadable: {e}") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind != "clip":
+        raise CheckpointError(f"{where} is not a CLIP checkpoint (config.json model_type {kind!r}, expected 'clip')")
+    if not any(d.glob("*.safetensors")):
+        pickles = sorted(p.name for p in d.glob("*.bin"))
+        if not pickles:
+            raise CheckpointError(f"{where} has no weights (*.safetensors)")
+        if not allow_pickle:
+            raise CheckpointError(f"{where} has only pickle weights ({', '.join(pickles)}); convert them to "
+                                  "safetensors, or set score.allow_pickle: true to read their tensors with "
+                                  "torch.load(weights_only=True)")
+    if not ((d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())):
+        raise CheckpointError(f"{where} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+    vision = config.get("vision_config") or {}
+    text = config.get("text_config") or {}
+    image_size = int(vision.get("image_size", 224))
+    try:
+        mean, std, size = read_preprocessor(d, image_size)
+    except CheckpointError as e:
+        raise CheckpointError(f"score.model: {e}") from None
+    return ScoreModelInfo(path=str(d), name=d.resolve().name, image_size=size, image_mean=mean, image_std=std,
+                          max_text_tokens=int(text.get("max_position_embeddings", 77)))

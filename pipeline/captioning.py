@@ -80,6 +80,12 @@ class Captioner:
 
             self.translator = load_translator(m.zh.mt_model, dtype=dtype, device=self.device,
                                               source_prefix=m.zh.mt_source_prefix)
+        self.scorer = None  # score.model: caption <-> clip similarity (model/clip_score.py)
+        if m.score.model:
+            from model.clip_score import ClipScorer
+
+            self.scorer = ClipScorer(m.score.model, device=self.device, dtype=dtype, frames=m.score.frames,
+                                     allow_pickle=m.score.allow_pickle)
         self.prompt_version = self.prompts.version
         self.model_name = self.loaded.name
         self.lora_alpha = self.loaded.lora_alpha
@@ -136,13 +142,15 @@ class Captioner:
         return needs_repair(attempts, self.repair_attempts)
 
     def build_row(self, sample: Sample, clip: DecodedClip, en: list[Attempt],
-                  zh: list[Attempt] | None) -> dict[str, Any]:
+                  zh: list[Attempt] | None, score_image: torch.Tensor | None = None) -> dict[str, Any]:
         """The captioned row from each language's attempts: the best attempt's caption and flags, how many
-        attempts were made, and the first attempt's flags."""
+        attempts were made, and the first attempt's flags; `clip_score` from the clip's frame embedding
+        (`score_images`) when a score model is set."""
         s = self.stats
         row = Row.for_sample(sample, clip, self, status=Status.OK)
         chosen_en = best(en)
         row.caption_en, row.tokens_en = chosen_en.text, chosen_en.num_tokens
+        row.clip_score = self.clip_score(sample, chosen_en.text, score_image)
         flags, first = set(chosen_en.flags), set(en[0].flags)
         s.tokens_en += chosen_en.num_tokens
         runs = [en]
@@ -161,6 +169,38 @@ class Captioner:
         row.attempts = max(len(run) for run in runs)
         row.status = Status.FLAGGED if flags else Status.OK
         return row.to_dict()
+
+    # ---- caption <-> clip score (score.model)
+
+    def score_images(self, items: list[tuple[Sample, DecodedClip]]) -> list[torch.Tensor | None]:
+        """Each clip's frame embedding for `clip_score`, batched with the visual encoding; Nones when no score
+        model is set, or when scoring fails (the captions do not depend on it: their rows get a null score)."""
+        if self.scorer is None or not items:
+            return [None] * len(items)
+        t0 = time.perf_counter()
+        try:
+            embeddings = list(self.scorer.embed_clips(torch.from_numpy(np.stack([clip.frames for _, clip in items]))))
+        except Exception as e:  # noqa: BLE001 - a score is optional; the rows still get their captions
+            log.warning("clip scoring of %d clips failed (%s: %s); their clip_score is null", len(items),
+                        type(e).__name__, e)
+            embeddings = [None] * len(items)
+        self.stats.seconds_score += time.perf_counter() - t0
+        return embeddings
+
+    def clip_score(self, sample: Sample, caption_en: str, score_image: torch.Tensor | None) -> float | None:
+        """Cosine of caption_en's CLIP text embedding (first 77 tokens) with the frame embedding; None without a
+        score model or an English caption."""
+        if self.scorer is None or score_image is None or not caption_en.strip():
+            return None
+        t0 = time.perf_counter()
+        try:
+            return round(self.scorer.score([caption_en], score_image[None])[0], 6)
+        except Exception as e:  # noqa: BLE001 - as above
+            log.warning("clip scoring failed for key %s (%s: %s); its clip_score is null", sample.key,
+                        type(e).__name__, e)
+            return None
+        finally:
+            self.stats.seconds_score += time.perf_counter() - t0
 
     # ---- the static batch path (the engine's fallback; benchmarks)
 
@@ -184,6 +224,7 @@ class Captioner:
     def _caption(self, items: list[tuple[Sample, DecodedClip]]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         features = self.encode(items)  # (B, N_vis, D)
+        score_images = self.score_images(items)
         with torch.inference_mode():
             t1 = time.perf_counter()
 
@@ -201,7 +242,7 @@ class Captioner:
         s.seconds_vision += t1 - t0
         s.seconds_en += t2 - t1
         s.seconds_zh += t3 - t2
-        return [self.build_row(sample, clip, en[i], zh[i] if zh is not None else None)
+        return [self.build_row(sample, clip, en[i], zh[i] if zh is not None else None, score_images[i])
                 for i, (sample, clip) in enumerate(items)]
 
     def _decoding(self, settings: GenSettings) -> dict[str, Any]:

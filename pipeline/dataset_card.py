@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import yaml
 
-from model.describe import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, NUM_FRAMES
+from model.describe import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, NUM_FRAMES, ScoreModelInfo
 from pipeline.rows import SCHEMA
 from pipeline.writing import OutputStore
 
@@ -57,7 +57,8 @@ def frames_lines(description: ModelDescription | None) -> list[str]:
 
 
 def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards: int,
-                prompts: dict[str, str], description: ModelDescription | None = None, repaired: int = 0) -> str:
+                prompts: dict[str, str], description: ModelDescription | None = None, repaired: int = 0,
+                score: ScoreModelInfo | None = None, score_frames: int = 4) -> str:
     manifest = job["manifest"]
     parts = job.get("fingerprint_parts", {})
     languages = manifest.get("languages", ["en"])
@@ -95,6 +96,10 @@ def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards
         lines.append(f"- Chinese: mode `{zh.get('mode')}`, normalised with OpenCC to `{zh.get('variant')}`")
     lines.append("- Repair pass: a flagged caption is generated again with settings meant to fix its flag; each "
                  "row's `attempts` and `first_flags` say what it took, `caption_flags` are the kept attempt's")
+    if score is not None:
+        lines.append(f"- Caption/clip score: `clip_score` is the cosine of the CLIP `{score.name}` embeddings of "
+                     f"caption_en (its first {score.max_text_tokens} tokens) and the mean of {score_frames} of the "
+                     "clip's frames; null in rows captioned while no score model was set")
     lines += ["", "### Prompts", ""]
     for name, text in prompts.items():
         lines.append(f"- {name}: {text!r}")
@@ -125,10 +130,12 @@ def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards
 
 
 def write_dataset_card(store: OutputStore, job: dict[str, Any], prompts: dict[str, str],
-                       description: ModelDescription | None = None) -> str:
+                       description: ModelDescription | None = None, score: ScoreModelInfo | None = None,
+                       score_frames: int = 4) -> str:
     """`prompts`: the wording in effect; `description`: the checkpoint's, for the frame facts (the
-    released checkpoints' 16 frames, 336 px, CLIP mean/std and 16×12×12 pooling when None)."""
+    released checkpoints' 16 frames, 336 px, CLIP mean/std and 16×12×12 pooling when None); `score`: the
+    score model in effect (score.model), if any."""
     statuses, flags, n_shards, repaired = collect_counts(store)
-    text = render_card(job, statuses, flags, n_shards, prompts, description, repaired)
+    text = render_card(job, statuses, flags, n_shards, prompts, description, repaired, score, score_frames)
     store.write_atomic(store.path(CARD_FILE), text.encode())
     return text

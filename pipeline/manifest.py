@@ -24,6 +24,7 @@ ZH_MODES = ("translate", "direct", "mt")
 ZH_VARIANTS = ("zh-Hans", "zh-Hant", "zh-TW", "zh-HK")
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_REPAIR_ATTEMPTS = 5
+MAX_SCORE_FRAMES = 16
 DECODE_MODES = ("thread", "process")
 
 
@@ -102,6 +103,16 @@ class QualitySpec:
 
 
 @dataclass(frozen=True)
+class ScoreSpec:
+    # A local CLIP checkpoint in the Hugging Face layout (e.g. a download of openai/clip-vit-large-patch14-336):
+    # every captioned row gets `clip_score`, the cosine of caption_en and the clip's frames (model/clip_score.py).
+    # None: no scoring. Not in the fingerprint: a score changes no caption.
+    model: str | None = None
+    frames: int = 4  # evenly spaced frames of the decoded ones whose mean embedding is scored
+    allow_pickle: bool = False  # as model.allow_pickle, for a CLIP download with only pytorch_model.bin
+
+
+@dataclass(frozen=True)
 class ResourceSpec:
     actors: int | None = None  # None: one per GPU in the cluster (or a CPU count when there are none)
     num_gpus_per_actor: float = 1.0
@@ -133,6 +144,7 @@ class Manifest:
     storage: StorageSpec = field(default_factory=StorageSpec)
     retry: RetrySpec = field(default_factory=RetrySpec)
     quality: QualitySpec = field(default_factory=QualitySpec)
+    score: ScoreSpec = field(default_factory=ScoreSpec)
     chunk_size: int = 256
     max_attempts: int = 3
     # A shard running longer fails this attempt (committed chunks are kept; the retry resumes after them).
@@ -336,6 +348,10 @@ def _check_values(m: Manifest, source: str) -> None:
     if not 0 <= m.quality.repair_attempts <= MAX_REPAIR_ATTEMPTS:
         raise bad("quality.repair_attempts", f"must be between 0 and {MAX_REPAIR_ATTEMPTS}, got "
                                              f"{m.quality.repair_attempts}")
+    if not 1 <= m.score.frames <= MAX_SCORE_FRAMES:
+        raise bad("score.frames", f"must be between 1 and {MAX_SCORE_FRAMES}, got {m.score.frames}")
+    if m.score.model is not None and not m.score.model.strip():
+        raise bad("score.model", "must not be empty (leave it out, or null, for no scoring)")
     if m.retry.stream_retries < 0 or m.retry.watchdog_margin_s < 0:
         raise bad("retry", "stream_retries and watchdog_margin_s must be >= 0")
     if m.resources.num_gpus_per_actor < 0 or m.resources.num_cpus_per_actor < 0:
@@ -407,10 +423,12 @@ def resolve_paths(m: Manifest, base: str | Path) -> Manifest:
     base = Path(base)
     model = dataclasses.replace(m.model, path=_absolute(m.model.path, base))
     zh = m.zh if not m.zh.mt_model else dataclasses.replace(m.zh, mt_model=_absolute(m.zh.mt_model, base))
+    score = m.score if not m.score.model else dataclasses.replace(m.score, model=_absolute(m.score.model, base))
     return dataclasses.replace(
         m,
         shards=[_absolute(s, base) for s in m.shards],
         output=_absolute(m.output, base),
         model=model,
         zh=zh,
+        score=score,
     )

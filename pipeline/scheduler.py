@@ -75,6 +75,7 @@ class _Clip:
     sample: Sample
     clip: DecodedClip
     features: torch.Tensor | None = None  # kept while a request may still need them (repairs, direct mode)
+    score_image: torch.Tensor | None = None  # frame embedding for clip_score (score.model)
     settings: Any = None  # GenSettings of the request in the engine
     en: list[Attempt] = field(default_factory=list)
     zh: list[Attempt] = field(default_factory=list)
@@ -252,6 +253,8 @@ class CaptionService:
             return
         self.stats.clips += len(batch)
         c.stats.clips += len(batch)
+        for x, s in zip(batch, c.score_images([(x.sample, x.clip) for x in batch])):
+            x.score_image = s
         for x, f in zip(batch, features):
             x.features = f  # until the English is final (repairs), or the Chinese too (direct mode)
             self._submit_en(x, c.base_en)
@@ -301,12 +304,12 @@ class CaptionService:
             settings = next_settings(attempts, (c.base_en if language == "en" else c.base_zh).max_new_tokens)
             return self._submit_en(x, settings) if language == "en" else self._submit_zh(x, settings)
         if language == "zh" or not c.want_zh:
-            return self._deliver(x, c.build_row(x.sample, x.clip, x.en, x.zh if c.want_zh else None))
+            return self._deliver(x, c.build_row(x.sample, x.clip, x.en, x.zh if c.want_zh else None, x.score_image))
         if c.zh_mode == "mt":
             self._mt.append(x)
         elif c.zh_mode == "translate" and not best(x.en).text.strip():  # nothing to translate (as the static path)
             nothing = Generation(text="", token_ids=[], num_tokens=0, hit_max_new_tokens=False)
-            self._deliver(x, c.build_row(x.sample, x.clip, x.en, [c.attempt(nothing, "zh", c.base_zh)]))
+            self._deliver(x, c.build_row(x.sample, x.clip, x.en, [c.attempt(nothing, "zh", c.base_zh)], x.score_image))
         else:
             self._submit_zh(x, c.base_zh)
         return None
@@ -329,7 +332,7 @@ class CaptionService:
                 self._fallback(x)
             return
         for x, t in zip(live, out):
-            self._deliver(x, c.build_row(x.sample, x.clip, x.en, [c.attempt(t, "zh", c.base_zh)]))
+            self._deliver(x, c.build_row(x.sample, x.clip, x.en, [c.attempt(t, "zh", c.base_zh)], x.score_image))
 
     def _recover(self, error: Exception) -> None:
         """The engine failed mid-step: a fresh engine, and the clips it held captioned one by one."""

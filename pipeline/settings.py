@@ -17,6 +17,7 @@ from pipeline.manifest import (
     ModelSpec,
     PromptSpec,
     QualitySpec,
+    ScoreSpec,
     StorageSpec,
     ZhSpec,
 )
@@ -33,11 +34,12 @@ class CaptionSettings:
     generation: GenerationSpec
     zh: ZhSpec
     quality: QualitySpec = QualitySpec()
+    score: ScoreSpec = ScoreSpec()
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> CaptionSettings:
         return cls(model=m.model, languages=tuple(m.languages), prompts=m.prompts, generation=m.generation, zh=m.zh,
-                   quality=m.quality)
+                   quality=m.quality, score=m.score)
 
 
 @dataclass(frozen=True)

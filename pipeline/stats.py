@@ -51,6 +51,7 @@ class Stats:
     seconds_vision: float = 0.0
     seconds_en: float = 0.0
     seconds_zh: float = 0.0
+    seconds_score: float = 0.0  # CLIP scoring (score.model): frame and caption embeddings
     model_s: float = 0.0  # the engine thread working
     idle_s: float = 0.0  # the engine thread waiting for clips
     wait_decode_s: float = 0.0  # the model side waiting for this shard's decoded clips

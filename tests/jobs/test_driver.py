@@ -56,6 +56,8 @@ def test_setup_mistakes_fail_fast_with_one_line(tiny_checkpoint, shards, tmp_pat
         "missing model": ({"model": {"path": str(tmp_path / "nope")}}, "model.path"),
         "model is a file": ({"model": {"path": str(shard_dir / "00000.tar")}}, "model.path"),
         "bad device": ({"model": {"device": "tpu"}}, "model.device"),
+        "missing score model": ({"score": {"model": str(tmp_path / "no-clip")}}, "score.model"),
+        "score model not CLIP": ({"score": {"model": str(tiny_checkpoint)}}, "not a CLIP checkpoint"),
     }
     for what, (overrides, expected) in cases.items():
         overrides = dict(overrides)

@@ -318,3 +318,37 @@ def test_command_line(job_output, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         inspect_job.main([str(job_output), "--html", str(tmp_path / "x.html"), "--status", "okay"])
     assert exit_info.value.code == 2
+
+
+def test_sort_and_filter_by_clip_score(job_output, all_rows, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(job_output, out)
+    scores = {}
+    for name in SHARDS:
+        path = out / "data" / f"{name}.parquet"
+        table = pq.read_table(path)
+        rows = table.to_pylist()
+        for i, row in enumerate(rows):
+            if row["status"] in ("ok", "flagged"):
+                row["clip_score"] = scores[row["key"]] = round(0.05 * ((i * 7 + len(name)) % 11) - 0.1, 3)
+        pq.write_table(table.from_pylist(rows, schema=table.schema), path)
+    assert len(scores) >= 4
+
+    def keys(*args: str) -> list[str]:
+        return [c["key"] for c in report_cards(inspect(out, tmp_path / "r.html", *args))]
+
+    shard_of = {r["key"]: r["shard"] for r in all_rows}
+    ascending = sorted(scores, key=lambda k: (scores[k], shard_of[k], k))
+    assert keys("--sort", "score", "--sample", "3") == ascending[:3]  # the worst first, only scored rows
+    assert keys("--sort", "score-desc", "--sample", "2") == sorted(scores, key=lambda k: (-scores[k], shard_of[k],
+                                                                                          k))[:2]
+    assert keys("--sort", "score", "--sample", "0") == ascending
+    header = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "rows without a clip_score left out" in header and "lowest clip scores first" in header
+    low = keys("--max-score", "0", "--sample", "0")
+    assert sorted(low) == sorted(k for k, v in scores.items() if v <= 0) and low
+    band = keys("--min-score", "0.1", "--max-score", "0.2", "--sort", "score", "--sample", "0")
+    assert band == [k for k in ascending if 0.1 <= scores[k] <= 0.2] and band
+    # an output without scores: a score filter matches nothing
+    assert all(r["clip_score"] is None for r in all_rows)
+    assert report_cards(inspect(job_output, tmp_path / "none.html", "--min-score", "-1")) == []

@@ -23,14 +23,18 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def job_output(ray_cluster, tiny_checkpoint, shard_source, tmp_path_factory):
-    """One job on the test cluster with a shard that cannot be read (so a failure is recorded too)."""
+    """One job on the test cluster with a shard that cannot be read (so a failure is recorded too), its
+    captions scored by a tiny CLIP (score.model)."""
+    from model.tiny_clip import build_tiny_clip
+
     src, planted = shard_source
     tmp = tmp_path_factory.mktemp("operator")
     shutil.copytree(src, tmp / "shards")
     (tmp / "shards/00002.tar").write_bytes(b"")  # a cut download: never `done`, fails with the reason
     out = tmp / "out"
+    clip = build_tiny_clip(tmp / "tiny-clip", seed=0)
     manifest = write_manifest(tmp / "job.yaml", shards=f"{tmp}/shards/{{00000..00002}}.tar", output=out,
-                              model=tiny_checkpoint, max_attempts=1)
+                              model=tiny_checkpoint, max_attempts=1, score={"model": str(clip)})
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}
     proc = run_job([str(manifest), "--log-every", "0"], env)
     return out, planted, proc
@@ -44,9 +48,10 @@ def test_cli_help_names_every_flag():
         "run": ["MANIFEST", "--shards", "--output", "--model", "--retry-failed", "--actors", "--log-every",
                 "--force"],
         "status": ["--json"],
-        "inspect": ["--html", "--sample", "--status"],
+        "inspect": ["--html", "--sample", "--status", "--sort", "--min-score", "--max-score"],
         "make-tiny-checkpoint": ["--seed", "--family", "--merged"],
         "make-synthetic-shards": ["--shards", "--clips-per-shard", "--failed", "--corrupt", "--seed"],
+        "make-tiny-clip": ["--seed", "--image-size", "--patch-size"],
     }
     for sub, flags in expected.items():
         assert sub in top.stdout
@@ -79,6 +84,7 @@ def _help_entries(help_text: str) -> dict[str, str]:
 @pytest.mark.parametrize("module, flags", [
     ("model.tiny", ["--seed", "--family", "--merged", "--merge-alpha"]),
     ("pipeline.synthetic", ["--shards", "--clips-per-shard", "--failed", "--corrupt", "--seed"]),
+    ("model.tiny_clip", ["--seed", "--image-size", "--patch-size"]),
 ])
 def test_builder_help_describes_every_flag(module, flags):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
@@ -198,6 +204,11 @@ def test_dataset_card_describes_the_job(job_output):
     table = read_output(out)
     assert f"Rows: {table.num_rows}." in card
     assert "| source_failed |" in card and "transformers" in card
+    assert "`clip_score` is the cosine of the CLIP `tiny-clip` embeddings" in card
+    rows = table.to_pylist()
+    scored = [r for r in rows if r["caption_en"]]
+    assert scored and all(-1 <= r["clip_score"] <= 1 for r in scored)  # scored in the actors, on Ray
+    assert all(r["clip_score"] is None for r in rows if not r["caption_en"])
 
 
 def test_readme_loading_snippets_run_against_a_real_output(job_output, ray_cluster, tmp_path):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.progress_report import ProgressReporter, format_snapshot
+from jobs.status import collect_status
 from model.describe import ScoreModelInfo, describe_score_model
 from pipeline.dataset_card import write_dataset_card
 from pipeline.lease import LeaseHeld, acquire
@@ -327,9 +328,10 @@ def _dispatch(m: Manifest, model: Any, store: OutputStore, ident: Any, plan: Any
         if lease.lost.is_set() and not stop.requested:
             return EXIT_USAGE
         return stop.exit_code
+    report = collect_status(store, names, card=True)  # listings and progress records, once for both
     write_dataset_card(store, store.read_json(store.path(JOB_FILE)), prompt_texts(m, model), description=model,
-                       score=score_model(m), score_frames=m.score.frames)
-    return _finish(store, names, d.failed)
+                       score=score_model(m), score_frames=m.score.frames, report=report)
+    return _finish(store, names, d.failed, report)
 
 
 class _Dispatcher:
@@ -504,10 +506,8 @@ def _retry_or_fail(store: OutputStore, task: Task, reason: str, policy: RetryPol
     return final
 
 
-def _finish(store: OutputStore, names: list[str], failed: list[str]) -> int:
-    from jobs.status import collect_status
-
-    report = collect_status(store, names)
+def _finish(store: OutputStore, names: list[str], failed: list[str], report: dict[str, Any] | None = None) -> int:
+    report = report or collect_status(store, names)
     log.info("summary: shards %s; rows %s; output %s", _fmt(report["shards_by_state"]),
              _fmt(report["rows_by_status"]), store.uri)
     if failed:

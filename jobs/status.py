@@ -1,7 +1,7 @@
 """`python -m jobs.status OUT [--json]`: per-shard state, rows by status, failed shards with reasons.
 
-Reads only files under OUT (progress files and the data files' row counts), so it works while a job
-runs, after it died, or from another machine. The top reasons rows failed for, per job and per shard, come
+Reads only files under OUT, so it works while a job runs, after it died, or from another machine: two
+listings and the progress records (pipeline/output_view.py); a data file only when its record does not say. The top reasons rows failed for, per job and per shard, come
 from the progress records alone (each shard's capped histogram, `pipeline.progress.ERROR_REASONS`).
 """
 
@@ -18,9 +18,11 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.lease import lease_alive, read_lease
-from pipeline.progress import ERROR_REASONS, JOB_FILE, read_shard_list, read_state, shard_status
+from pipeline.output_view import OutputView, counts_of, data_file_summary, record_state
+from pipeline.progress import ERROR_REASONS, JOB_FILE, read_shard_list
 from pipeline.rows import top_reasons
 from pipeline.shards import expand_shard_spec, shard_name
+from pipeline.stats import COMMITTED, FLAGS, REPAIRED
 from pipeline.writing import OutputStore
 
 SHOWN_STATES = ("done", "running", "interrupted", "failed", "pending")
@@ -28,7 +30,7 @@ TOP_REASONS_JOB = 10  # failure reasons listed for the whole job, most frequent 
 TOP_REASONS_SHARD = 3  # ... and per shard
 
 
-def listed_shards(store: OutputStore) -> tuple[list[str], list[str]]:
+def listed_shards(store: OutputStore, view: OutputView | None = None) -> tuple[list[str], list[str]]:
     """(shards of the latest run's list, other shards with files under OUT but not in that list).
 
     The list is `_shards.json`, written by each run; outputs written before it existed fall back to the
@@ -41,12 +43,8 @@ def listed_shards(store: OutputStore) -> tuple[list[str], list[str]]:
             listed = {shard_name(u): u for u in expand_shard_spec(job["manifest"]["shards"])} if job else {}
         except Exception:  # the job record is a summary; fall back to what is on disk
             listed = {}
-    on_disk: set[str] = set()
-    for path in store.list_files(store.path("data"), ".parquet"):
-        on_disk.add(path.rsplit("/", 1)[1][: -len(".parquet")])
-    for path in store.list_files(store.path("_progress"), ".json"):
-        on_disk.add(path.rsplit("/", 1)[1][: -len(".json")])
-    return sorted(listed), sorted(on_disk - set(listed))
+    view = view or OutputView.scan(store)
+    return sorted(listed), sorted(view.known() - set(listed))
 
 
 def known_shards(store: OutputStore) -> list[str]:
@@ -58,63 +56,107 @@ def known_shards(store: OutputStore) -> list[str]:
 REDO_STATUSES = ("flagged", "error", "decode_error", "source_failed")
 
 
-def collect_status(store: OutputStore, names: list[str] | None = None) -> dict[str, Any]:
+def collect_status(store: OutputStore, names: list[str] | None = None, card: bool = False) -> dict[str, Any]:
+    """The report of `recaption status`, from two listings and the progress records (read concurrently):
+    done shards' counts are their records' (`mark_done`), an unfinished shard's its record's committed rows.
+    A data or chunk file is opened only for a shard whose record does not say. `card`: also the finished
+    shards' flag and repaired-row counts, and `others_done` (finished shards not in `names` or the latest
+    list), for the dataset card."""
+    view = OutputView.scan(store)
     if names is None:
-        names, others = listed_shards(store)
+        names, others = listed_shards(store, view)
     else:
-        others = []
+        others = sorted(view.finished - set(names))
+    records = view.read_records(store, [*names, *others] if card else names)
     lease = read_lease(store)
     driver_alive = lease_alive(lease)
     shards: dict[str, dict[str, Any]] = {}
     rows: Counter = Counter()
     by_state: Counter = Counter()
-    records: dict[str, dict[str, Any]] = {}
     reasons: Counter = Counter()
+    flags: Counter = Counter()
+    repaired = 0
+    done_rows: Counter = Counter()  # rows of finished shards only (the dataset's rows)
     redo: Counter = Counter()  # rows of finished shards a `--redo STATUS` would caption again
     for name in names:
-        state = shard_status(store, name)
-        record = read_state(store, name) or {}
-        records[name] = record
-        if state == "running" and not driver_alive:
-            state = "interrupted"  # its driver is gone: a rerun resumes it after its committed chunks
-        info: dict[str, Any] = {"state": state, "attempts": record.get("attempts", 0)}
+        record = records.get(name) or {}
+        info, summary = _shard_info(store, view, name, record, driver_alive, card)
+        state, counts = info["state"], info.get("rows") or {}
+        rows.update(counts)
         if state == "done":
-            counts = _data_counts(store, name)
+            done_rows.update(counts)
             redo.update({k: v for k, v in counts.items() if k in REDO_STATUSES})
-        else:
-            counts = _chunk_counts(store, name)  # committed rows of a shard in progress, failed or interrupted
-        if counts:
-            rows.update(counts)
-            info["rows"] = counts
-        if record.get("truncated"):
-            info["truncated"] = record["truncated"]
-        histogram = record.get(ERROR_REASONS)
-        top = top_reasons(histogram if isinstance(histogram, dict) else None)
-        if top:
-            reasons.update(dict(top))
-            info["error_reasons"] = dict(top)
-            info["top_error_reasons"] = [[k, n] for k, n in top[:TOP_REASONS_SHARD]]
-        errors = record.get("errors") or []
-        if errors:
-            info["last_error"] = errors[-1]["reason"]
-            info["errors"] = errors
+            flags.update(summary["flags"])
+            repaired += summary["repaired"]
+        reasons.update(info.get("error_reasons") or {})
         shards[name] = info
         by_state[state] += 1
+    others_done: dict[str, Any] = {"shards": 0, "rows": Counter(), "flags": Counter(), "repaired": 0}
+    for name in others if card else ():
+        if name in view.finished:
+            _, summary = _shard_info(store, view, name, records.get(name) or {}, driver_alive, card)
+            others_done["shards"] += 1
+            others_done["rows"].update(summary["rows"])
+            others_done["flags"].update(summary["flags"])
+            others_done["repaired"] += summary["repaired"]
     job = store.read_json(store.path(JOB_FILE)) or {}
     return {
-        "throughput": _throughput(records, shards, by_state),
+        "throughput": _throughput({n: records.get(n) or {} for n in names}, shards, by_state),
         "output": store.uri,
         "fingerprint": job.get("fingerprint"),
         "driver": ({k: lease.get(k) for k in ("host", "pid", "since", "heartbeat_at")} if driver_alive else None),
         "shards_by_state": dict(by_state),
         "rows_by_status": dict(rows),
+        "done_rows_by_status": dict(done_rows),
+        "flags": dict(flags),  # quality flags of the finished shards' rows (with card=True)
+        "rows_repaired": repaired,
         "redo_rows": {k: redo[k] for k in REDO_STATUSES if redo[k]},
         "error_reasons": dict(top_reasons(reasons)),
         "top_error_reasons": [[k, n] for k, n in top_reasons(reasons, TOP_REASONS_JOB)],
         "shards": shards,
         "failed": {n: i.get("last_error") for n, i in shards.items() if i["state"] == "failed"},
         "not_in_latest_list": others,
+        "others_done": {k: dict(v) if isinstance(v, Counter) else v for k, v in others_done.items()},
     }
+
+
+def _shard_info(store: OutputStore, view: OutputView, name: str, record: dict[str, Any], driver_alive: bool,
+                card: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the shard's line of the report, a done shard's rows by status and, with `card`, its flag and
+    repaired-row counts)."""
+    summary: dict[str, Any] = {"rows": {}, "flags": {}, "repaired": 0}
+    if name in view.finished:
+        state = "done"
+        done = record.get("state") == "done"
+        rows, flag_counts = counts_of(record.get("rows")), counts_of(record.get(FLAGS))
+        if done and rows is not None and (not card or (flag_counts is not None and REPAIRED in record)):
+            summary = {"rows": rows, "flags": flag_counts or {}, "repaired": int(record.get(REPAIRED) or 0)}
+        else:  # the record does not say (an older output, a record left behind by a killed worker)
+            summary = data_file_summary(store, name)
+        counts = summary["rows"]
+    else:
+        state = record_state(record or None)
+        if state == "running" and not driver_alive:
+            state = "interrupted"  # its driver is gone: a rerun resumes it after its committed chunks
+        counts = {}
+        if view.chunks.get(name):  # committed rows of a shard in progress, failed or interrupted
+            committed = counts_of(record.get(COMMITTED))
+            counts = committed if committed is not None else _chunk_counts(store, view.chunks[name])
+    info: dict[str, Any] = {"state": state, "attempts": record.get("attempts", 0)}
+    if counts:
+        info["rows"] = counts
+    if record.get("truncated"):
+        info["truncated"] = record["truncated"]
+    histogram = record.get(ERROR_REASONS)
+    top = top_reasons(histogram if isinstance(histogram, dict) else None)
+    if top:
+        info["error_reasons"] = dict(top)
+        info["top_error_reasons"] = [[k, n] for k, n in top[:TOP_REASONS_SHARD]]
+    errors = record.get("errors") or []
+    if errors:
+        info["last_error"] = errors[-1]["reason"]
+        info["errors"] = errors
+    return info, summary
 
 
 def _active_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -158,15 +200,9 @@ def _throughput(records: dict[str, dict[str, Any]], shards: dict[str, dict[str, 
     }
 
 
-def _data_counts(store: OutputStore, name: str) -> dict[str, int]:
-    with store.fs.open_input_file(store.data_path(name)) as f:
-        table = pq.read_table(f, columns=["status"])
-    return dict(Counter(table.column("status").to_pylist()))
-
-
-def _chunk_counts(store: OutputStore, name: str) -> dict[str, int]:
+def _chunk_counts(store: OutputStore, paths: list[str]) -> dict[str, int]:
     counts: Counter = Counter()
-    for path in store.chunk_paths(name):
+    for path in paths:
         try:
             with store.fs.open_input_file(path) as f:
                 counts.update(pq.read_table(f, columns=["status"]).column("status").to_pylist())

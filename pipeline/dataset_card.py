@@ -131,11 +131,19 @@ def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards
 
 def write_dataset_card(store: OutputStore, job: dict[str, Any], prompts: dict[str, str],
                        description: ModelDescription | None = None, score: ScoreModelInfo | None = None,
-                       score_frames: int = 4) -> str:
+                       score_frames: int = 4, report: dict[str, Any] | None = None) -> str:
     """`prompts`: the wording in effect; `description`: the checkpoint's, for the frame facts (the
     released checkpoints' 16 frames, 336 px, CLIP mean/std and 16×12×12 pooling when None); `score`: the
-    score model in effect (score.model), if any."""
-    statuses, flags, n_shards, repaired = collect_counts(store)
+    score model in effect (score.model), if any. `report`: `jobs.status.collect_status(..., card=True)`, whose
+    counts come from the progress records; without it every data file is read (`collect_counts`)."""
+    if report is not None:
+        others = report.get("others_done") or {}
+        statuses = Counter(report["done_rows_by_status"]) + Counter(others.get("rows") or {})
+        flags = Counter(report["flags"]) + Counter(others.get("flags") or {})
+        n_shards = report["shards_by_state"].get("done", 0) + int(others.get("shards") or 0)
+        repaired = int(report["rows_repaired"]) + int(others.get("repaired") or 0)
+    else:
+        statuses, flags, n_shards, repaired = collect_counts(store)
     text = render_card(job, statuses, flags, n_shards, prompts, description, repaired, score, score_frames)
     store.write_atomic(store.path(CARD_FILE), text.encode())
     return text

@@ -21,6 +21,7 @@ from model.describe import ModelDescription, describe_checkpoint
 from pipeline.manifest import Manifest, fingerprint
 from pipeline.model_identity import ModelIdentity, ModelPathError  # noqa: F401  (ModelPathError: re-exported)
 from pipeline.model_identity import model_identity as _content_identity
+from pipeline.output_view import OutputView, record_state
 from pipeline.stats import ERROR_REASONS, Stats  # noqa: F401  (ERROR_REASONS: re-exported)
 from pipeline.writing import OutputStore
 
@@ -224,15 +225,6 @@ def read_shard_list(store: OutputStore) -> dict[str, str] | None:
     return None
 
 
-def shard_status(store: OutputStore, shard: str) -> str:
-    if store.is_finished(shard):
-        return "done"
-    state = read_state(store, shard)
-    if state is None:
-        return "pending"
-    return "failed" if state.get("state") == "failed" else "running" if state.get("state") == "running" else "pending"
-
-
 @dataclass(frozen=True)
 class ShardResume:
     """What the output already holds of one shard, asked once by the runner: whether it is finished (its data
@@ -284,14 +276,17 @@ class Plan:
 
 def plan_shards(store: OutputStore, shards: list[tuple[str, str]], retry_failed: bool) -> Plan:
     """Which shards this run works on. A plain rerun finishes the unfinished ones and leaves shards
-    marked failed alone; `--retry-failed` runs only those."""
+    marked failed alone; `--retry-failed` runs only those. Two listings, then one record read per
+    unfinished shard that has a record (pipeline/output_view.py)."""
+    view = OutputView.scan(store)
+    records = view.read_records(store, [name for name, _ in shards if name not in view.finished])
     to_run, done, failed = [], [], []
     for name, url in shards:
-        status = shard_status(store, name)
-        if status == "done":
-            store.discard_leftover_chunks(name)
+        if name in view.finished:
+            if view.chunks.get(name):  # an interrupted cleanup: the chunks are in the data file already
+                store.delete_dir(store.chunk_dir(name))
             done.append(name)
-        elif status == "failed":
+        elif record_state(records.get(name)) == "failed":
             (to_run.append((name, url)) if retry_failed else failed.append(name))
         elif not retry_failed:
             to_run.append((name, url))
@@ -318,16 +313,18 @@ def plan_redo(store: OutputStore, shards: list[tuple[str, str]], statuses: tuple
     """Which finished shards a `--redo STATUSES` run works on: those whose rows include the statuses. Counts
     come from the progress records; a shard whose record does not say (an older output) is counted from its
     data file's status column."""
+    view = OutputView.scan(store)
+    records = view.read_records(store, [name for name, _ in shards if name in view.finished])
     to_run, unfinished, total = [], [], 0
     for name, url in shards:
-        if not store.is_finished(name):
+        if name not in view.finished:
             unfinished.append(name)
             continue
-        n = redo_counts(read_state(store, name), statuses)
+        n = redo_counts(records.get(name), statuses)
         if n is None:
             column = store.read_table(store.data_path(name), columns=["status"]).column("status").to_pylist()
             n = sum(st in statuses for st in column)
-        if n or store.chunk_paths(name):  # (chunks: an interrupted redo's replacement rows, finished now)
+        if n or view.chunks.get(name):  # (chunks: an interrupted redo's replacement rows, finished now)
             to_run.append((name, url))
             total += n
     return RedoPlan(to_run, total, unfinished)

@@ -181,13 +181,13 @@ class _ShardRun:
         state = read_state(self.store, self.shard) or {}
         if state.get("state") == "done":
             return
-        table = self.store.read_table(self.store.data_path(self.shard), columns=["status"])
-        counts = Counter(table.column("status").to_pylist())
-        mark_done(self.store, self.shard, counts, state.get("truncated"), float(state.get("seconds") or 0.0))
+        stats = self.file_stats()
+        mark_done(self.store, self.shard, Counter(stats.rows), state.get("truncated"),
+                  float(state.get("seconds") or 0.0), stats)
 
     def file_stats(self) -> Stats:
         """The counters of the data file's rows (after a redo replaced some of them)."""
-        columns = ["status", "caption_flags", "tokens_en", "tokens_zh", "error"]
+        columns = ["status", "caption_flags", "tokens_en", "tokens_zh", "error", "attempts"]
         stats = Stats()
         stats.add_rows(self.store.read_table(self.store.data_path(self.shard), columns=columns).to_pylist())
         return stats

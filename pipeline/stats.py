@@ -29,6 +29,7 @@ ERROR_REASONS = "error_reasons"  # {"decode: could not read the mp4 container": 
 COMMITTED = "committed"  # {"ok": 240, "flagged": 12, ...}: committed rows by status
 FLAGS = "flags"  # {"repetition": 4, ...}: quality flags of committed rows
 TOKENS = "tokens"  # {"en": 31000, "zh": 29000}: generated tokens of committed rows
+REPAIRED = "repaired"  # committed rows the repair pass captioned again (attempts > 1)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Stats:
     error_reasons: dict[str, int] = field(default_factory=dict)  # failure kinds, capped; see rows.merge_reasons
     tokens_en: int = 0
     tokens_zh: int = 0
+    rows_repaired: int = 0  # rows whose caption took more than one attempt
     # counted by the code that does the work
     clips: int = 0  # clips through the visual encoder
     batches: int = 0  # static-path caption batches
@@ -70,6 +72,7 @@ class Stats:
             flags.update(row.get("caption_flags") or ())
             self.tokens_en += row.get("tokens_en") or 0
             self.tokens_zh += row.get("tokens_zh") or 0
+            self.rows_repaired += (row.get("attempts") or 0) > 1
             failure = row_failure(row)
             if failure is not None:
                 kinds.append(failure.kind)
@@ -121,6 +124,7 @@ class Stats:
             FLAGS: dict(self.flags),
             TOKENS: {"en": self.tokens_en, "zh": self.tokens_zh},
             ERROR_REASONS: merge_reasons(None, self.error_reasons),
+            REPAIRED: self.rows_repaired,
         }
 
     @classmethod
@@ -131,7 +135,8 @@ class Stats:
         tokens = record.get(TOKENS) if isinstance(record.get(TOKENS), dict) else {}
         return cls(rows=_counts(record.get(COMMITTED)), flags=_counts(record.get(FLAGS)),
                    error_reasons=merge_reasons(_counts(record.get(ERROR_REASONS)), {}),
-                   tokens_en=_int(tokens.get("en")), tokens_zh=_int(tokens.get("zh")))
+                   tokens_en=_int(tokens.get("en")), tokens_zh=_int(tokens.get("zh")),
+                   rows_repaired=_int(record.get(REPAIRED)))
 
 
 def _counts(value: Any) -> dict[str, int]:

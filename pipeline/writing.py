@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import uuid
 from collections import Counter
@@ -29,6 +30,8 @@ from pipeline.manifest import StorageSpec
 from pipeline.retry import STORAGE_RETRIES
 from pipeline.rows import COLUMNS, SCHEMA, STATUSES  # noqa: F401  (the row's schema lives in pipeline/rows.py)
 from pipeline.shards import s3_endpoint, s3_filesystem
+
+log = logging.getLogger(__name__)
 
 FLAGS_COLUMN = "caption_flags"
 OLD_FLAGS_COLUMN = "flags"  # its former name: chunks and data files written with it are read renamed
@@ -128,19 +131,16 @@ class OutputStore:
             self.fs.create_dir(parent, recursive=True)
             tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
             try:
-                with open(tmp, "wb") as f:
+                with self.fs.open_output_stream(tmp) as f:
                     f.write(data)
-                    f.flush()
+                with open(tmp, "rb+") as f:  # durable before it becomes visible
                     os.fsync(f.fileno())
                 os.link(tmp, path)
                 return True
             except FileExistsError:
                 return False
             finally:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
+                self.delete(tmp)
         if self.fs.type_name == "s3":
             from botocore.exceptions import ClientError
 
@@ -168,6 +168,12 @@ class OutputStore:
         selector = pafs.FileSelector(directory, allow_not_found=True)
         infos = self.fs.get_file_info(selector)
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+    def list_tree(self, directory: str, suffix: str = "") -> list[str]:
+        """Every file under `directory`, at any depth: one listing (paged on S3), not one per folder."""
+        selector = pafs.FileSelector(directory, allow_not_found=True, recursive=True)
+        return sorted(i.path for i in self.fs.get_file_info(selector)
+                      if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
     def delete(self, path: str) -> None:
         try:
@@ -214,27 +220,53 @@ class OutputStore:
         """Merge the committed chunks, dedupe by key (first commit wins), write data/{shard}.parquet.
 
         The data file is the completion marker; chunks are removed only after it exists, so a
-        crash anywhere in here leaves either the chunks or the finished file, never neither. If the
-        data file already exists its rows are kept and merged first, so finalizing twice never drops a key.
+        crash anywhere in here leaves either the chunks or the finished file, never neither. Two finalizers
+        racing (a zombie actor and a retry): the data file is created exclusively (a hard link locally,
+        `If-None-Match: *` on S3), so the first complete file wins and is never rewritten by the other; the
+        other adds rows only for keys the winner's file lacks (none, when both committed the whole shard).
         `replace` (a redo of some rows): the chunks' rows go first instead, replacing the data file's rows of
         the same keys; every other row is kept as it was.
         """
         for attempt in range(STORAGE_RETRIES):
             try:
                 tables = [self._read_table(p) for p in self.chunk_paths(shard)]
-                if self.is_finished(shard):  # a late second finalizer (e.g. a zombie actor): union, never shrink
-                    existing = self._read_table(self.data_path(shard))
-                    tables = [*tables, existing] if replace else [existing, *tables]
+                existing = self._read_table(self.data_path(shard)) if self.is_finished(shard) else None
                 break
             except FileNotFoundError:  # a concurrent finalizer merged and removed a chunk: read again
                 if attempt == STORAGE_RETRIES - 1:
                     raise
-        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-        table = dedupe_by_key(table)
-        table = table.replace_schema_metadata({**(SCHEMA.metadata or {}), **metadata})
-        self.write_atomic(self.data_path(shard), _parquet_bytes(table))
+        if replace and existing is not None:
+            table = self._with_metadata(dedupe_by_key(pa.concat_tables([*tables, existing])), metadata)
+            self.write_atomic(self.data_path(shard), _parquet_bytes(table))
+        else:
+            if existing is None:
+                table = self._with_metadata(
+                    dedupe_by_key(pa.concat_tables(tables)) if tables else SCHEMA.empty_table(), metadata)
+                if not self.create_exclusive(self.data_path(shard), _parquet_bytes(table)):
+                    existing = self._read_table(self.data_path(shard))  # another finalizer won: keep its file
+            if existing is not None:
+                table = self._merge_late(shard, existing, tables, metadata)
         self.delete_dir(self.chunk_dir(shard))
         return Counter(table.column("status").to_pylist())
+
+    def _merge_late(self, shard: str, existing: pa.Table, tables: list[pa.Table],
+                    metadata: dict[bytes, bytes]) -> pa.Table:
+        """A data file exists: it stays as it is unless these chunks hold keys it lacks (a late finalizer
+        that committed rows the first one never saw), which are added; never shrinks, never duplicates."""
+        have = set(existing.column("key").to_pylist())
+        extra = [t.filter(pa.array([k not in have for k in t.column("key").to_pylist()])) for t in tables]
+        extra = [t for t in extra if t.num_rows]
+        if not extra:
+            return existing
+        log.warning("shard %s: adding %d rows to the data file another finalizer wrote", shard,
+                    sum(t.num_rows for t in extra))
+        table = self._with_metadata(dedupe_by_key(pa.concat_tables([existing, *extra])), metadata)
+        self.write_atomic(self.data_path(shard), _parquet_bytes(table))
+        return table
+
+    @staticmethod
+    def _with_metadata(table: pa.Table, metadata: dict[bytes, bytes]) -> pa.Table:
+        return table.replace_schema_metadata({**(SCHEMA.metadata or {}), **metadata})
 
     def discard_leftover_chunks(self, shard: str) -> None:
         """A finished shard whose chunk removal was interrupted: drop the now redundant chunks."""

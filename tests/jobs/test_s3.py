@@ -365,3 +365,13 @@ def test_one_driver_per_s3_output_by_conditional_create(s3, s3_process_env):
         lease.release()
     assert "leased/" + LEASE_FILE not in s3.objects("unit", "leased/")
     acquire(store).release()
+
+
+@pytest.mark.parametrize("late_reads_first", [True, False])
+def test_two_racing_finalizers_first_complete_file_wins_on_s3(s3, s3_process_env, late_reads_first):
+    """As the local test (tests/pipeline/test_writing.py): the data file is created with If-None-Match: *,
+    so the first complete file wins and the late finalizer only adds a key it lacked."""
+    from tests.pipeline.test_writing import check_race, race_finalizers
+
+    prefix = f"s3://unit/race-{late_reads_first}"
+    check_race(race_finalizers(lambda: OutputStore(prefix), late_reads_first), late_reads_first)

@@ -1,4 +1,6 @@
 import json
+import os
+import threading
 
 import pyarrow.parquet as pq
 import pytest
@@ -124,3 +126,102 @@ def test_shard_resume_is_asked_once_and_knows_everything(tmp_path):
     store.commit_chunk("s", [row("k3")], attempt=2)  # a chunk left by an interrupted cleanup
     done = ShardResume.load(store, "s")
     assert done.finished and not store.chunk_paths("s")
+
+
+class PausingFS:
+    """The real filesystem; when armed, a call asking whether the shard's data file exists (the finalizer's
+    check, after it read the chunks) answers, then waits until the test lets it go on."""
+
+    def __init__(self, fs, data_path: str):
+        self._fs, self._data_path = fs, data_path
+        self.armed, self.paused, self.go = False, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if name != "get_file_info":
+            return attr
+
+        def info(what, *args, **kwargs):
+            result = attr(what, *args, **kwargs)
+            if self.armed and what == self._data_path:
+                self.armed = False
+                self.paused.set()
+                assert self.go.wait(30), "the test never let the finalizer go on"
+            return result
+        return info
+
+
+def race_finalizers(make_store, late_reads_first: bool, shard: str = "00000") -> dict:
+    """Two finalizers W and L of one shard, each paused after reading the chunks; W writes first, then L.
+    Chunks 1-2 hold keys a, b, c; a zombie attempt commits chunk 3 (d, and a again) between the two reads.
+    `late_reads_first`: L read before chunk 3 (W's file is the complete one), else after (L holds key d
+    that W's file lacks). Returns each finalizer's counts and the data file (with metadata) after each."""
+    w, late = make_store(), make_store()
+    w.fs, late.fs = PausingFS(w.fs, w.data_path(shard)), PausingFS(late.fs, late.data_path(shard))
+    w.commit_chunk(shard, [row("a", "ok", "w1"), row("b", "ok", "w1")], attempt=1)
+    w.commit_chunk(shard, [row("c", "error", None)], attempt=1)
+    out: dict = {}
+    threads = {}
+
+    def start(store, name):
+        store.fs.armed = True
+        threads[name] = threading.Thread(target=lambda: out.__setitem__(
+            name, store.finalize_shard(shard, {b"writer": name.encode()})))
+        threads[name].start()
+        assert store.fs.paused.wait(30)
+
+    first, second = ((late, "L"), (w, "W")) if late_reads_first else ((w, "W"), (late, "L"))
+    start(*first)
+    make_store().commit_chunk(shard, [row("d", "ok", "zombie"), row("a", "ok", "z")], attempt=2)
+    start(*second)
+    reader = make_store()
+
+    def data_file():  # read whole, with its metadata (OutputStore.read_table gives today's schema)
+        with reader.fs.open_input_file(reader.data_path(shard)) as f:
+            return pq.read_table(f)
+
+    w.fs.go.set()
+    threads["W"].join(30)
+    out["after W"] = data_file()
+    late.fs.go.set()
+    threads["L"].join(30)
+    out["after L"] = data_file()
+    out["chunks"] = reader.chunk_paths(shard)
+    return out
+
+
+def check_race(out: dict, late_reads_first: bool) -> None:
+    first, final = out["after W"], out["after L"]
+    assert first.schema.metadata[b"writer"] == b"W"
+    rows = {r["key"]: r["caption_en"] for r in final.to_pylist()}
+    assert rows == {"a": "w1", "b": "w1", "c": None, "d": "zombie"}, rows  # nothing lost, a key once
+    if late_reads_first:
+        # W's file is complete: it wins and stays byte for byte (before, L overwrote it and lost d)
+        assert sorted(first.column("key").to_pylist()) == ["a", "b", "c", "d"]
+        assert final.equals(first) and final.schema.metadata[b"writer"] == b"W"
+        assert dict(out["L"]) == dict(out["W"]) == {"ok": 3, "error": 1}
+    else:
+        # W read before chunk 3 and removed it with the folder: L adds only the key W's file lacks
+        assert sorted(first.column("key").to_pylist()) == ["a", "b", "c"]
+        assert final.schema.metadata[b"writer"] == b"L"
+        assert dict(out["W"]) == {"ok": 2, "error": 1} and dict(out["L"]) == {"ok": 3, "error": 1}
+    assert out["chunks"] == []
+
+
+@pytest.mark.parametrize("late_reads_first", [True, False])
+def test_two_racing_finalizers_first_complete_file_wins_locally(tmp_path, late_reads_first):
+    check_race(race_finalizers(lambda: OutputStore(str(tmp_path / "out")), late_reads_first), late_reads_first)
+
+
+def test_a_late_finalizer_does_not_rewrite_a_complete_file(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.commit_chunk("00000", [row("a", "ok", "first")], attempt=1)
+    store.finalize_shard("00000", {b"writer": b"first"})
+    before = os.stat(store.data_path("00000"))
+    store.commit_chunk("00000", [row("a", "ok", "zombie")], attempt=2)  # same key, another attempt
+    assert dict(store.finalize_shard("00000", {b"writer": b"second"})) == {"ok": 1}
+    after = os.stat(store.data_path("00000"))
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert store.chunk_paths("00000") == []
+    with open(store.data_path("00000"), "rb") as f:
+        assert pq.read_schema(f).metadata[b"writer"] == b"first"

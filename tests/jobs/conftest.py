@@ -81,6 +81,10 @@ def ray_cluster(tmp_path_factory):
     env = base_env()
     # metrics pushed to the node's exporter every second (default 10 s), so a short test job shows up
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_metrics_report_interval_ms="1000")
+    # Test keys for outputs on the moto S3 server (test_chaos_on_an_s3_output): workers take credentials from
+    # their node's environment, as on a real cluster; moto accepts any key, the endpoint is in the manifest.
+    env.update(AWS_ACCESS_KEY_ID="AKIARAYCLUSTERTEST", AWS_SECRET_ACCESS_KEY="ray-cluster-test-secret",
+               AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     # Its own short temp dir: the cluster's processes name it, so teardown stops exactly these processes
     # (`ray stop` would stop every Ray on the machine, other test runs' and users' included).
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")

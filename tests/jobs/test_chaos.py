@@ -15,8 +15,10 @@ may still be writing (the design's "late writer" case). After every kill the out
 (``OUT/data``) must hold no duplicate key and no key that was not planted; once the run completes, every
 planted key is in ``OUT/data`` exactly once with its planted kind of status.
 
-Knobs: ``CHAOS_SEED`` (default: random, printed), ``CHAOS_ROUNDS`` (default 4), ``RELIABILITY_REPORT`` (a
-path for the JSON summary, used for docs/RELIABILITY.md). Only processes this test started are
+The same rounds run against an output on the S3 (moto) server (``test_chaos_on_an_s3_output``).
+
+Knobs: ``CHAOS_SEED`` (default: random, printed), ``CHAOS_ROUNDS`` (default 3), ``CHAOS_S3_ROUNDS``
+(default 2), ``RELIABILITY_REPORT`` (a path for the JSON summary, used for docs/RELIABILITY.md). Only processes this test started are
 killed: its own driver Popen, and actor pids read from this test's output whose command line is a
 ShardCaptioner.
 
@@ -39,10 +41,11 @@ import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.jobs.conftest import REPO, shard_state, wait_for, write_manifest
+from tests.jobs.conftest import REPO, wait_for, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -73,40 +76,82 @@ def _is_our_actor(pid: int) -> bool:
     return "ShardCaptioner" in cmd
 
 
+class Out:
+    """A round's output as its readers see it, on the local disk or on the S3 (moto) server: the same checks
+    run on both."""
+
+    def __init__(self, uri: str, fs: pafs.FileSystem, root: str, poll_s: float = 0.02):
+        self.uri, self.fs, self.root, self.poll_s = uri, fs, root.rstrip("/"), poll_s
+
+    @classmethod
+    def local(cls, path: Path) -> Out:
+        return cls(str(path), pafs.LocalFileSystem(), str(path))
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def _files(self, sub: str) -> list[str]:
+        selector = pafs.FileSelector(f"{self.root}/{sub}", allow_not_found=True, recursive=True)
+        return [i.path for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+    def reader_view(self) -> tuple[list[str], list[str]]:
+        """(files, keys) of OUT/data exactly as pyarrow/pandas/Ray Data readers discover them."""
+        try:
+            dataset = ds.dataset(f"{self.root}/data", filesystem=self.fs, format="parquet")
+        except FileNotFoundError:
+            return [], []
+        files = sorted(f.rsplit("/", 1)[1] for f in dataset.files)
+        if not files:
+            return [], []
+        return files, dataset.to_table(columns=["key"]).column("key").to_pylist()
+
+    def chunks(self) -> dict[str, list[str]]:
+        """{shard: chunk file paths} under OUT/_progress."""
+        found: dict[str, list[str]] = {}
+        for path in self._files("_progress"):
+            rest = path[len(self.root) + len("/_progress/"):]
+            if "/" in rest and rest.rsplit("/", 1)[1].startswith("chunk-") and path.endswith(".parquet"):
+                found.setdefault(rest.split("/", 1)[0], []).append(path)
+        return found
+
+    def chunk_keys(self) -> dict[str, list[str]]:
+        keys: dict[str, list[str]] = {}
+        for shard, paths in self.chunks().items():
+            for path in paths:
+                try:
+                    with self.fs.open_input_file(path) as f:
+                        keys.setdefault(shard, []).extend(pq.read_table(f, columns=["key"])["key"].to_pylist())
+                except (OSError, FileNotFoundError):  # removed by a finalize while we read
+                    pass
+        return keys
+
+    def state(self, shard: str) -> dict | None:
+        try:
+            with self.fs.open_input_stream(f"{self.root}/_progress/{shard}.json") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, OSError, json.JSONDecodeError):
+            return None
+
+    def has_data(self, shard: str) -> bool:
+        return self.fs.get_file_info(f"{self.root}/data/{shard}.parquet").type == pafs.FileType.File
+
+    def data_count(self) -> int:
+        return sum(1 for p in self._files("data") if p.endswith(".parquet") and "/." not in p)
+
+
 def _reader_view(out: Path) -> tuple[list[str], list[str]]:
-    """(files, keys) of OUT/data exactly as pyarrow/pandas/Ray Data readers discover them."""
-    data = out / "data"
-    if not data.is_dir():
-        return [], []
-    dataset = ds.dataset(str(data), format="parquet")
-    files = sorted(Path(f).name for f in dataset.files)
-    if not files:
-        return [], []
-    return files, dataset.to_table(columns=["key"]).column("key").to_pylist()
+    """(files, keys) of a local OUT/data exactly as pyarrow/pandas/Ray Data readers discover them."""
+    return Out.local(out).reader_view()
 
 
-def _chunk_keys(out: Path) -> dict[str, list[str]]:
-    keys: dict[str, list[str]] = {}
-    progress = out / "_progress"
-    if progress.is_dir():
-        for d in progress.iterdir():
-            if d.is_dir():
-                for chunk in d.glob("chunk-*.parquet"):
-                    try:
-                        keys.setdefault(d.name, []).extend(pq.read_table(chunk, columns=["key"])["key"].to_pylist())
-                    except (OSError, FileNotFoundError):  # removed by a finalize while we read
-                        pass
-    return keys
-
-
-def check_partial(out: Path, planted: dict[str, dict[str, str]]) -> dict[str, int]:
+def check_partial(out: Out, planted: dict[str, dict[str, str]]) -> dict[str, int]:
     """The invariant at any moment after a kill: readers see no duplicate and nothing unplanted."""
-    files, keys = _reader_view(out)
+    files, keys = out.reader_view()
     assert all(re.fullmatch(r"\d{5}\.parquet", f) for f in files), f"readers of OUT/data see stray files {files}"
     dupes = [k for k, c in collections.Counter(keys).items() if c > 1]
     assert not dupes, f"duplicated keys in OUT/data: {dupes}"
     every = {k for name in NAMES for k in planted[name]}
-    chunks = _chunk_keys(out)
+    chunks = out.chunk_keys()
     stray = (set(keys) | {k for ks in chunks.values() for k in ks}) - every
     assert not stray, f"keys that were never planted: {stray}"
     for name, ks in chunks.items():
@@ -114,8 +159,8 @@ def check_partial(out: Path, planted: dict[str, dict[str, str]]) -> dict[str, in
     return {"rows_in_data": len(keys), "rows_in_chunks": sum(len(v) for v in chunks.values())}
 
 
-def check_complete(out: Path, planted: dict[str, dict[str, str]]) -> int:
-    files, keys = _reader_view(out)
+def check_complete(out: Out, planted: dict[str, dict[str, str]]) -> int:
+    files, keys = out.reader_view()
     assert files == [f"{n}.parquet" for n in NAMES], files
     counts = collections.Counter(keys)
     dupes = [k for k, c in counts.items() if c > 1]
@@ -123,15 +168,15 @@ def check_complete(out: Path, planted: dict[str, dict[str, str]]) -> int:
     lost = set(expected) - set(counts)
     assert not dupes and not lost and set(counts) == set(expected), \
         f"duplicates {dupes}, lost {sorted(lost)}, extra {set(counts) - set(expected)}"
-    table = ds.dataset(str(out / "data"), format="parquet").to_table(columns=["key", "status"])
+    table = ds.dataset(f"{out.root}/data", filesystem=out.fs, format="parquet").to_table(columns=["key", "status"])
     for key, status in zip(table["key"].to_pylist(), table["status"].to_pylist()):
         allowed = {"ok", "flagged"} if expected[key] == "ok" else {expected[key]}
         assert status in allowed, f"{key}: planted {expected[key]}, got {status}"
     for name in NAMES:
-        state = shard_state(out, name)
+        state = out.state(name)
         assert state and state["state"] == "done", f"{name}: {state}"
-    leftovers = [p.name for p in (out / "_progress").iterdir() if p.is_dir()]
-    assert not leftovers, f"chunk dirs left after finishing: {leftovers}"
+    leftovers = sorted(out.chunks())
+    assert not leftovers, f"chunks left after finishing: {leftovers}"
     return len(keys)
 
 
@@ -170,18 +215,18 @@ class Driver:
         return self.log_path.read_text(errors="replace")[-n:]
 
 
-def running_workers(out: Path) -> dict[str, int]:
+def running_workers(out: Out) -> dict[str, int]:
     """{shard: actor pid} for the shards of this output that an actor of ours is working on now."""
     found = {}
     for name in NAMES:
-        state = shard_state(out, name)
+        state = out.state(name)
         pid = state and state.get("state") == "running" and state.get("pid")
-        if pid and not (out / "data" / f"{name}.parquet").exists() and _alive(pid) and _is_our_actor(pid):
+        if pid and not out.has_data(name) and _alive(pid) and _is_our_actor(pid):
             found[name] = pid
     return found
 
 
-def _pick_worker(out: Path, driver: Driver, rng: random.Random) -> dict[str, int]:
+def _pick_worker(out: Out, driver: Driver, rng: random.Random) -> dict[str, int]:
     """A random running shard's actor; the drawn moment may fall between shards, so wait a little."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and driver.proc.poll() is None:
@@ -189,18 +234,14 @@ def _pick_worker(out: Path, driver: Driver, rng: random.Random) -> dict[str, int
         if workers:
             shard = rng.choice(sorted(workers))
             return {shard: workers[shard]}
-        time.sleep(0.02)
+        time.sleep(out.poll_s)
     return {}
 
 
-def committed_progress(out: Path, seen: set[str]) -> tuple[int, int]:
+def committed_progress(out: Out, seen: set[str]) -> tuple[int, int]:
     """(chunks committed so far, shards finished); `seen` accumulates chunk names across polls."""
-    progress = out / "_progress"
-    if progress.is_dir():
-        seen.update(str(p.relative_to(progress)) for p in progress.glob("*/chunk-*.parquet"))
-    data = out / "data"
-    done = len(list(data.glob("*.parquet"))) if data.is_dir() else 0
-    return len(seen), done
+    seen.update(p for paths in out.chunks().values() for p in paths)
+    return len(seen), out.data_count()
 
 
 # --- the chaos test ----------------------------------------------------------------------------------
@@ -225,7 +266,7 @@ def _draw_round(rng: random.Random, i: int, seed: int) -> dict:
     }
 
 
-def _wait_trigger(plan: dict, out: Path, driver: Driver) -> str:
+def _wait_trigger(plan: dict, out: Out, driver: Driver) -> str:
     """Block until the drawn moment (or the run's end); return what happened."""
     seen: set[str] = set()
     first_shard = None  # a delay counts from the first shard in progress: startup takes ~10 s here
@@ -242,20 +283,27 @@ def _wait_trigger(plan: dict, out: Path, driver: Driver) -> str:
             return f"chunk {chunks} committed ({done} shards done)"
         if plan["trigger"] == "shard" and done >= plan["kth_shard"]:
             return f"shard {done} finished ({chunks} chunks)"
-        time.sleep(0.02)
+        time.sleep(out.poll_s)
     raise AssertionError(f"no trigger within {RUN_TIMEOUT_S}s\n{driver.tail()}")
 
 
 def _chaos_round(i: int, seed: int, ctx: dict) -> dict:
     rng = random.Random(f"{seed}-{i}")  # per round, so a timing-dependent draw cannot shift later rounds
-    out = ctx["tmp"] / f"round{i}" / "out"
     plan = _draw_round(rng, i, seed)
+    s3 = ctx.get("s3")
+    if s3 is None:
+        out = Out.local(ctx["tmp"] / f"round{i}" / "out")
+        storage = {}
+    else:  # the S3 (moto) server: the endpoint from the manifest, keys from the cluster's environment
+        prefix = f"chaos-{seed}-{i}"
+        out = Out(f"s3://out/{prefix}", s3.fs, f"out/{prefix}", poll_s=0.1)
+        storage = {"storage": {"endpoint_url": s3.endpoint, "region": "us-east-1"}}
     manifest = write_manifest(
-        ctx["tmp"] / f"round{i}.yaml", shards=f"{ctx['shard_dir']}/{{00000..00003}}.tar", output=out,
+        ctx["tmp"] / f"round{i}.yaml", shards=f"{ctx['shard_dir']}/{{00000..00003}}.tar", output=out.uri,
         model=ctx["model"], chunk_size=plan["chunk_size"], generation={"batch_size": plan["batch_size"]},
         decode={"mode": plan["decode_mode"], "workers": 1},
-        resources={"actors": plan["actors"], "num_cpus_per_actor": 1})
-    record = {"round": i, **plan, "kills": [], "checks": []}
+        resources={"actors": plan["actors"], "num_cpus_per_actor": 1}, **storage)
+    record = {"round": i, "output": "s3" if s3 is not None else "local", **plan, "kills": [], "checks": []}
     t0 = time.monotonic()
     driver = Driver(manifest, ctx["env"], ctx["tmp"] / f"round{i}-run1.log")
     try:
@@ -311,30 +359,27 @@ def _chaos_round(i: int, seed: int, ctx: dict) -> dict:
         raise
     record.update(runs=runs, rows=rows, lost=0, duplicates=0, seconds=round(time.monotonic() - t0, 1))
     if plan["target"] == "worker" and record["kills"][0]["what"] == "worker":
-        state = shard_state(out, record["kills"][0]["shard"])
+        state = out.state(record["kills"][0]["shard"])
         assert state["attempts"] >= 2 and any("actor died" in e["reason"] for e in state["errors"]), state
     return record
 
 
-def test_chaos_kill_worker_or_driver_then_rerun(ray_cluster, tiny_checkpoint, shards, tmp_path):
-    seed = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2**32))
-    rounds = int(os.environ.get("CHAOS_ROUNDS") or 4)
-    print(f"chaos: seed {seed} (rerun with CHAOS_SEED={seed}), {rounds} rounds")
-    shard_dir, planted = shards
-    ctx = {"tmp": tmp_path, "shard_dir": shard_dir, "planted": planted, "model": tiny_checkpoint,
-           "env": {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}}
+def _run_rounds(ctx: dict, rounds: int, seed: int, what: str) -> dict:
+    print(f"chaos ({what}): seed {seed} (rerun with CHAOS_SEED={seed}), {rounds} rounds")
     t0 = time.monotonic()
     records = []
     for i in range(rounds):
         try:
             records.append(_chaos_round(i, seed, ctx))
         except AssertionError as e:
-            raise AssertionError(f"chaos round {i} (CHAOS_SEED={seed}) failed: {e}\nrounds so far: "
+            raise AssertionError(f"chaos round {i} ({what}, CHAOS_SEED={seed}) failed: {e}\nrounds so far: "
                                  f"{json.dumps(records, indent=1)}") from e
         print(f"chaos round {i}: {json.dumps(records[-1])}")
+    planted = ctx["planted"]
     kinds = collections.Counter(k["what"] for r in records for k in r["kills"])
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "output": what,
         "seed": seed,
         "rounds": len(records),
         "kills": dict(kinds),
@@ -349,8 +394,42 @@ def test_chaos_kill_worker_or_driver_then_rerun(ray_cluster, tiny_checkpoint, sh
         "per_round": records,
     }
     print("chaos summary: " + json.dumps(summary, indent=1))
-    if os.environ.get("RELIABILITY_REPORT"):
-        Path(os.environ["RELIABILITY_REPORT"]).write_text(json.dumps(summary, indent=1) + "\n")
+    report = os.environ.get("RELIABILITY_REPORT")
+    if report:
+        Path(f"{report}.{what}.json" if what != "local" else report).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _seed() -> int:
+    return int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2**32))
+
+
+def test_chaos_kill_worker_or_driver_then_rerun(ray_cluster, tiny_checkpoint, shards, tmp_path):
+    shard_dir, planted = shards
+    ctx = {"tmp": tmp_path, "shard_dir": shard_dir, "planted": planted, "model": tiny_checkpoint,
+           "env": {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}}
+    _run_rounds(ctx, int(os.environ.get("CHAOS_ROUNDS") or 3), _seed(), "local")
+
+
+@pytest.fixture(scope="module")
+def moto_s3(tmp_path_factory):
+    from tests.jobs.test_s3 import S3
+    from tests.moto_server import moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto")) as port:
+        store = S3(port)
+        store.client.create_bucket(Bucket="out")
+        yield store
+
+
+def test_chaos_on_an_s3_output(ray_cluster, moto_s3, tiny_checkpoint, shards, tmp_path):
+    """The same rounds with the output on the S3 (moto) server: chunks are single PUTs, the data file a
+    conditional PUT, chunk folders prefixes; 0 lost, 0 duplicates there too. The cluster's workers have the
+    test keys in their environment (tests/jobs/conftest.py), the endpoint comes from the manifest."""
+    shard_dir, planted = shards
+    ctx = {"tmp": tmp_path, "shard_dir": shard_dir, "planted": planted, "model": tiny_checkpoint,
+           "env": {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}, "s3": moto_s3}
+    _run_rounds(ctx, int(os.environ.get("CHAOS_S3_ROUNDS") or 2), _seed(), "s3")
 
 
 # --- deterministic crash points in the storage layer -----------------------------------------------

@@ -421,6 +421,15 @@ class _Dispatcher:
         try:
             info = self.ray.get(ref)
         except (RayActorError, ActorDiedError) as e:
+            if self.idle or self.running or self.starting:
+                # Not the last actor: its node may have died (or it was killed). Go on with the others; the job
+                # ends with a setup failure only when no actor is left. Once another actor has loaded this model
+                # the death is no setup problem: ask for a replacement (pending until a node has room for it).
+                log.warning("an actor died while starting (%s); going on with the others", _first_line(e))
+                self.ray.kill(actor, no_restart=True)
+                if (self.idle or self.running) and self.stopping_since is None:
+                    self.new_actor()
+                return
             info = {"error": f"the actor died while starting: {_first_line(e)}"}
         if info.get("error"):
             raise SetupFailure(f"an actor could not load the model ({self.m.model.path}): {info['error']}")

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import threading
 import uuid
 from collections import Counter
 from typing import Any
@@ -41,8 +42,8 @@ META_FINGERPRINT = b"pllava_recaption.fingerprint"
 
 
 def s3_client(storage: StorageSpec | None = None) -> Any:
-    """A boto3 S3 client with the same endpoint and region rules as `shards.s3_filesystem`, for the one
-    operation pyarrow lacks: conditional creates (the output's lease). Credentials: boto3's own chain."""
+    """A boto3 S3 client with the same endpoint and region rules as `shards.s3_filesystem`, for what pyarrow
+    lacks: conditional creates (the lease, data files) and a read in one GET. Credentials: boto3's own chain."""
     import boto3
 
     endpoint, region = s3_endpoint(storage)
@@ -73,6 +74,21 @@ class OutputStore:
         self.uri = root
         self.storage = storage
         self.is_local = self.fs.type_name == "local"
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_client_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _client=None, _client_lock=threading.Lock())
+
+    def s3(self) -> Any:
+        """This store's boto3 client, made once (boto3's default session is not thread-safe to make it from)."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = s3_client(self.storage)
+            return self._client
 
     # paths -------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -146,7 +162,7 @@ class OutputStore:
 
             bucket, _, key = path.partition("/")
             try:
-                s3_client(self.storage).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                self.s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
                 return True
             except ClientError as e:
                 if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
@@ -158,6 +174,18 @@ class OutputStore:
         return True
 
     def read_bytes(self, path: str) -> bytes | None:
+        if self.fs.type_name == "s3":
+            # One GET. pyarrow's input stream first HEADs the object for its size: two round trips for every
+            # small read, which `recaption status` pays once per shard.
+            from botocore.exceptions import ClientError
+
+            bucket, _, key = path.partition("/")
+            try:
+                return self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
         try:
             with self.fs.open_input_stream(path) as f:
                 return f.read()

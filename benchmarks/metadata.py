@@ -36,10 +36,10 @@ This file imports nothing of the project at the top: the orchestrating process o
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -59,8 +59,6 @@ S3_ACCESS_KEY = "AKIAMETADATABENCH7Q"
 S3_SECRET = "metadata-bench-fake-secret"
 S3_REGION = "us-east-1"
 S3_BUCKET = "bench"
-ANSI = re.compile(r"\x1b\[[0-9;]*m")  # werkzeug colours some request lines (4xx, 206)
-REQUEST_LINE = re.compile(r'"(GET|PUT|HEAD|POST|DELETE) (\S+) HTTP/[\d.]+" (\d{3})')
 
 EN_SENTENCES = [
     "A man in a dark jacket walks along a crowded street while cars pass behind him.",
@@ -418,40 +416,18 @@ class Runner:
 
 def count_requests(log: Path | None, settle: bool = False) -> int:
     """Request lines in moto's log so far (with `settle`, once the count has stopped moving)."""
+    from tests.moto_server import request_kinds, settled_requests
+
     if log is None:
         return 0
-    n = _count(log)
-    while settle:
-        time.sleep(0.2)
-        m = _count(log)
-        if m == n:
-            break
-        n = m
-    return n
-
-
-def _count(log: Path) -> int:
-    with log.open("rb") as f:
-        return sum(1 for line in f if REQUEST_LINE.search(ANSI.sub("", line.decode("utf-8", "replace"))))
+    return len(settled_requests(log) if settle else request_kinds(log))
 
 
 def requests_by_method(log: Path, skip: int) -> dict[str, int]:
-    """Requests after the first `skip`, by kind: LIST (GET with list-type/prefix), GET, HEAD, PUT, DELETE,
-    POST (multi-object delete)."""
-    counts: dict[str, int] = {}
-    seen = 0
-    with log.open("rb") as f:
-        for raw in f:
-            m = REQUEST_LINE.search(ANSI.sub("", raw.decode("utf-8", "replace")))
-            if not m:
-                continue
-            seen += 1
-            if seen <= skip:
-                continue
-            method, target = m.group(1), m.group(2)
-            kind = "LIST" if method == "GET" and ("list-type" in target or "prefix=" in target) else method
-            counts[kind] = counts.get(kind, 0) + 1
-    return counts
+    """Requests after the first `skip`, by kind (tests/moto_server.py::request_kinds)."""
+    from tests.moto_server import request_kinds
+
+    return dict(collections.Counter(request_kinds(log)[skip:]))
 
 
 def git_describe(code: Path) -> str:

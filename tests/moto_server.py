@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # werkzeug colours some request lines (4xx, 206)
+REQUEST_LINE = re.compile(r'"(GET|PUT|HEAD|POST|DELETE) (\S+) HTTP/[\d.]+" (\d{3})')
+
+
+def request_kinds(log: Path) -> list[str]:
+    """The requests in moto's log so far, in order, by kind: LIST (a GET with list-type/prefix), GET, HEAD,
+    PUT, DELETE, POST (multi-object delete)."""
+    kinds = []
+    with log.open("rb") as f:
+        for raw in f:
+            m = REQUEST_LINE.search(ANSI.sub("", raw.decode("utf-8", "replace")))
+            if m:
+                method, target = m.group(1), m.group(2)
+                list_call = method == "GET" and ("list-type" in target or "prefix=" in target)
+                kinds.append("LIST" if list_call else method)
+    return kinds
+
+
+def settled_requests(log: Path) -> list[str]:
+    """`request_kinds` once the log has stopped growing (the server writes a line after each answer)."""
+    kinds = request_kinds(log)
+    while True:
+        time.sleep(0.2)
+        again = request_kinds(log)
+        if len(again) == len(kinds):
+            return again
+        kinds = again
 
 
 def free_port() -> int:

@@ -27,7 +27,7 @@ from pipeline.manifest import StorageSpec
 from pipeline.shards import ShardReader, ShardReadError, open_shard_stream
 from pipeline.writing import COLUMNS, OutputStore
 from tests.jobs.conftest import REPO, base_env, run_job, write_manifest
-from tests.moto_server import moto_server
+from tests.moto_server import moto_server, settled_requests
 
 ACCESS_KEY = "AKIARECAPTIONTEST7Q"
 SECRET = f"recaption-fake-secret-{secrets.token_hex(12)}"
@@ -57,8 +57,10 @@ class S3:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    with moto_server(tmp_path_factory.mktemp("moto")) as port:
+    log_dir = tmp_path_factory.mktemp("moto")
+    with moto_server(log_dir) as port:
         store = S3(port)
+        store.log = log_dir / "moto.log"  # one line per request: what the request-counting tests read
         for bucket in ("shards", "out", "unit"):
             store.client.create_bucket(Bucket=bucket)
         yield store
@@ -375,3 +377,38 @@ def test_two_racing_finalizers_first_complete_file_wins_on_s3(s3, s3_process_env
 
     prefix = f"s3://unit/race-{late_reads_first}"
     check_race(race_finalizers(lambda: OutputStore(prefix), late_reads_first), late_reads_first)
+
+
+def test_status_reads_one_get_per_shard_and_planning_only_lists_on_s3(s3, s3_process_env):
+    """Issue 16 on a real S3 server, requests counted in its log: `recaption status` reads each shard's record
+    in one GET (pyarrow's input stream would HEAD first) and opens no data file; planning a finished output
+    only lists."""
+    from jobs.status import collect_status
+    from pipeline.progress import mark_done, mark_running, plan_shards, write_shard_list
+    from pipeline.stats import Stats
+    from tests.jobs.test_output_view import _rows
+
+    store = OutputStore("s3://unit/many")
+    names = [f"{i:05d}" for i in range(12)]
+    for name in names:
+        rows = _rows(name, 3)
+        mark_running(store, name, f"/shards/{name}.tar", 1, 123)
+        store.commit_chunk(name, rows, 1)
+        stats = Stats()
+        stats.add_rows(rows)
+        mark_done(store, name, store.finalize_shard(name, {}), None, 1.0, stats)
+    write_shard_list(store, [(n, f"/shards/{n}.tar") for n in names])
+
+    before = len(settled_requests(s3.log))
+    report = collect_status(OutputStore("s3://unit/many"))
+    status = collections.Counter(settled_requests(s3.log)[before:])
+    assert report["shards_by_state"] == {"done": 12}
+    assert sum(report["rows_by_status"].values()) == 36
+    assert status["HEAD"] == 0 and status["LIST"] <= 3, status
+    assert status["GET"] <= len(names) + 3, status  # the records; _shards.json, _job.json, the lease
+
+    before = len(settled_requests(s3.log))
+    plan = plan_shards(OutputStore("s3://unit/many"), [(n, f"/shards/{n}.tar") for n in names], retry_failed=False)
+    requests = collections.Counter(settled_requests(s3.log)[before:])
+    assert plan.done == names and not plan.to_run
+    assert set(requests) == {"LIST"} and requests["LIST"] <= 3, requests

@@ -51,6 +51,7 @@ from pipeline.writing import META_CONFIG, META_FINGERPRINT, OutputStore
 log = logging.getLogger("recaption")
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_USAGE = 0, 1, 2  # Ctrl-C: 130, SIGTERM: 143
+EXIT_NO_ACTORS = 3  # no actor could run for retry.no_actor_timeout_s (every node lost): rerun to resume
 POLL_S = 2.0  # how often the driver asks running actors for their progress
 STOP_GRACE_S = 30.0  # after Ctrl-C / SIGTERM, how long running shards get to commit before their actors are killed
 
@@ -325,6 +326,8 @@ def _dispatch(m: Manifest, model: Any, store: OutputStore, ident: Any, plan: Any
     if d.stopping_since is not None and unfinished:
         print(f"interrupted: {unfinished} shards unfinished; rerun the same command to resume", file=sys.stderr,
               flush=True)
+        if d.stranded:
+            return EXIT_NO_ACTORS
         if lease.lost.is_set() and not stop.requested:
             return EXIT_USAGE
         return stop.exit_code
@@ -372,6 +375,10 @@ class _Dispatcher:
         self.interrupted: list[str] = []
         self.progress = ProgressReporter(len(plan.to_run), log_every_s=log_every_s)
         self.stopping_since: float | None = None
+        self.no_actor_since: float | None = None  # since when no actor has been loaded and alive
+        self.ever_ready = False  # an actor has loaded the model: a later death while starting is a lost actor
+        self.stranded = False  # stopped because no actor could run for retry.no_actor_timeout_s
+        self.actor_needs = f"num_gpus={num_gpus}, num_cpus={num_cpus}"
         for _ in range(n_actors):
             self.new_actor()
 
@@ -408,11 +415,26 @@ class _Dispatcher:
                 log.error("shard %s stalled past %.0fs; killing its actor", task.shard, self.watchdog_s)
                 self.stalled.add(ref)
                 self.ray.kill(actor, no_restart=True)
+        self.check_stranded(now)
         if self.stopping_since is not None and now - self.stopping_since > STOP_GRACE_S:
             for ref, (actor, task) in list(self.running.items()):
                 self.ray.kill(actor, no_restart=True)
                 self.interrupted.append(task.shard)
                 self.running.pop(ref)
+
+    def check_stranded(self, now: float) -> None:
+        """Stop when no actor has run for retry.no_actor_timeout_s: the nodes that held them are gone and Ray
+        keeps the replacements pending (no node with the free resources; an autoscaler may still add one)."""
+        if self.idle or self.running or not self.starting or self.stopping_since is not None:
+            self.no_actor_since = None
+            return
+        self.no_actor_since = self.no_actor_since or now
+        if now - self.no_actor_since > self.policy.no_actor_timeout_s:
+            log.error("no actor has been ready for %.0fs (retry.no_actor_timeout_s): Ray could place none (each "
+                      "needs %s: were nodes lost?) or the model loads slower than that; stopping with %d shards "
+                      "left", now - self.no_actor_since, self.actor_needs, len(self.queue))
+            self.stranded = True
+            self.stopping_since = now
 
     def on_actor_ready(self, ref: Any) -> None:
         from ray.exceptions import ActorDiedError, RayActorError
@@ -421,18 +443,21 @@ class _Dispatcher:
         try:
             info = self.ray.get(ref)
         except (RayActorError, ActorDiedError) as e:
-            if self.idle or self.running or self.starting:
-                # Not the last actor: its node may have died (or it was killed). Go on with the others; the job
-                # ends with a setup failure only when no actor is left. Once another actor has loaded this model
-                # the death is no setup problem: ask for a replacement (pending until a node has room for it).
-                log.warning("an actor died while starting (%s); going on with the others", _first_line(e))
+            # The process died (a model that fails to load answers with an error instead): its node may be gone.
+            # Once an actor has loaded this model that is no setup problem: ask for a replacement, which Ray
+            # places when a node has room (retry.no_actor_timeout_s bounds the wait). Before any has, go on
+            # with the others; the job ends with a setup failure only when none is left.
+            if self.ever_ready or self.starting:
+                log.warning("an actor died while starting (%s); %s", _first_line(e),
+                            "asking for another" if self.ever_ready else "going on with the others")
                 self.ray.kill(actor, no_restart=True)
-                if (self.idle or self.running) and self.stopping_since is None:
+                if self.ever_ready and self.stopping_since is None:
                     self.new_actor()
                 return
             info = {"error": f"the actor died while starting: {_first_line(e)}"}
         if info.get("error"):
             raise SetupFailure(f"an actor could not load the model ({self.m.model.path}): {info['error']}")
+        self.ever_ready = True
         self.idle.extend([actor] * self.shards_in_flight)
 
     def on_shard_result(self, ref: Any) -> None:

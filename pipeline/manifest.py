@@ -92,6 +92,9 @@ class RetrySpec:
     # (the actor stops a shard at shard_timeout_s between samples; this catches one stuck inside a read).
     watchdog_factor: float = 1.5
     watchdog_margin_s: float = 60.0
+    # The driver stops (exit 3, nothing lost: rerun to resume) when no actor has been able to run for this long:
+    # every node that held one is gone and Ray could place no replacement (no node with the free resources).
+    no_actor_timeout_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,7 @@ def _check_values(m: Manifest, source: str) -> None:
         ("max_attempts", m.max_attempts),
         ("retry.stream_backoff_s", m.retry.stream_backoff_s),
         ("retry.watchdog_factor", m.retry.watchdog_factor),
+        ("retry.no_actor_timeout_s", m.retry.no_actor_timeout_s),
     ]
     if m.resources.actors is not None:
         positive.append(("resources.actors", m.resources.actors))

@@ -151,10 +151,10 @@ class TwoNodes:
         self.gcs = f"127.0.0.1:{free_port()}"
         self.nodes: list[RayNode] = []
 
-    def _start(self, head: bool) -> RayNode:
+    def _start(self, head: bool, cpus: int = 1) -> RayNode:
         node = RayNode(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's socket paths live under it
         self.nodes.append(node)
-        cmd = [str(VENV_BIN / "ray"), "start", "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", node.temp_dir,
+        cmd = [str(VENV_BIN / "ray"), "start", "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir", node.temp_dir,
                "--node-ip-address", "127.0.0.1", "--node-manager-port", str(free_port()),
                "--object-manager-port", str(free_port()), "--metrics-export-port", str(free_port()),
                "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
@@ -169,8 +169,8 @@ class TwoNodes:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         return node
 
-    def start_head(self) -> RayNode:
-        return self._start(head=True)
+    def start_head(self, cpus: int = 1) -> RayNode:
+        return self._start(head=True, cpus=cpus)
 
     def start_node(self) -> RayNode:
         return self._start(head=False)
@@ -192,15 +192,17 @@ def two_nodes(tmp_path):
         cluster.stop()
 
 
-def _start_job(two_nodes: TwoNodes, model: Path, shard_dir: Path, names: list[str], tmp_path: Path) -> Driver:
+def _start_job(two_nodes: TwoNodes, model: Path, shard_dir: Path, names: list[str], tmp_path: Path,
+               actors: int = 2, log_name: str = "driver.log", **retry: float) -> Driver:
     manifest = write_manifest(tmp_path / "job.yaml", shards=[f"{shard_dir}/{n}.tar" for n in names],
                               output=tmp_path / "out", model=model, chunk_size=1,
                               generation={"batch_size": 1, "max_new_tokens": 24},
-                              resources={"actors": 2, "num_cpus_per_actor": 1},
+                              resources={"actors": actors, "num_cpus_per_actor": 1},
                               # the driver's own bound on one attempt: watchdog 1.0 x 120 + 30 = 150 s
-                              shard_timeout_s=120, retry={"watchdog_factor": 1.0, "watchdog_margin_s": 30})
+                              shard_timeout_s=120,
+                              retry={"watchdog_factor": 1.0, "watchdog_margin_s": 30, **retry})
     env = {**two_nodes.env, "RAY_ADDRESS": two_nodes.gcs}
-    return Driver(manifest, env, tmp_path / "driver.log")
+    return Driver(manifest, env, tmp_path / log_name)
 
 
 def _kill_node_mid_shard(driver: Driver, out: Path, names: list[str], head: RayNode, node: RayNode) -> dict:
@@ -353,3 +355,46 @@ def test_node_comes_back_mid_job(two_nodes, tiny_checkpoint, six_shards, tmp_pat
     print(f"\nnode back: killed the second node's {len(kill['killed'])} processes in shard {kill['shard']} "
           f"(lost {kill['lost']}); shard {shard} attempt {attempt} ran on the new node (actor pid {pid}); "
           f"the job finished {took:.1f}s after the kill")
+
+
+def test_every_actor_node_lost_the_driver_stops_then_a_rerun_resumes(tmp_path, tiny_checkpoint, shards):
+    """The only node with room for an actor dies (the head has no CPU for one): the replacement actor stays
+    pending, so after retry.no_actor_timeout_s the driver stops with exit 3 and says to rerun; nothing is lost,
+    and the same command, once a node is back, finishes the job with every key once."""
+    shard_dir, planted = shards
+    names = ["00000", "00001", "00002", "00003"]
+    cluster = TwoNodes(tmp_path)
+    try:
+        cluster.start_head(cpus=0)
+        node = cluster.start_node()
+        out = tmp_path / "out"
+        driver = _start_job(cluster, tiny_checkpoint, shard_dir, names, tmp_path, actors=1, no_actor_timeout_s=10)
+        try:
+            def committed_on_node():
+                assert driver.proc.poll() is None, f"driver exited {driver.proc.returncode}\n{driver.tail()}"
+                return any(list((out / "_progress" / n).glob("chunk-*.parquet")) for n in names)
+
+            wait_for(committed_on_node, START_TIMEOUT_S, "a chunk committed on the second node", 0.2)
+            node.kill()
+            at = time.monotonic()
+            rc = driver.wait(AFTER_KILL_S)
+            took = time.monotonic() - at
+        finally:
+            driver.kill()
+        log = driver.log_path.read_text(errors="replace")
+        assert rc == 3, log[-5000:]
+        assert "no actor has been ready for" in log and "rerun the same command to resume" in log, log[-3000:]
+        assert not (out / "data").exists() or len(list((out / "data").glob("*.parquet"))) < len(names)
+
+        cluster.start_node()  # a node is back: the same command resumes
+        rerun = _start_job(cluster, tiny_checkpoint, shard_dir, names, tmp_path, actors=1,
+                           log_name="rerun.log")
+        try:
+            assert rerun.wait(START_TIMEOUT_S) == 0, rerun.tail()
+        finally:
+            rerun.kill()
+        assert_exactly_once(out, planted, names)
+    finally:
+        cluster.stop()
+    print(f"\nevery actor node lost: the driver stopped {took:.1f}s after the kill (no_actor_timeout_s 10); "
+          f"the rerun finished every key once")

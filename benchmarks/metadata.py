@@ -46,6 +46,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -141,22 +142,20 @@ def make_rows(columns: tuple[str, ...], shard: str, url: str, n: int) -> list[di
 
 
 def write_manifest(path: Path, *, shards: str, output: str, model: Path) -> Path:
-    """The job's manifest, as the job tests write it (tests/jobs/conftest.py)."""
-    spec = {
-        "name": "metadata-bench",
-        "shards": shards,
-        "output": output,
-        "model": {"path": str(model), "lora_alpha": 4, "dtype": "float32", "device": "cpu"},
-        "languages": ["en", "zh"],
-        "generation": {"max_new_tokens": 8, "batch_size": 2},
-        "zh": {"mode": "translate", "max_new_tokens": 8},
-        "decode": {"workers": 1, "max_ahead": 4, "mode": "thread", "timeout_s": 60},
-        "resources": {"num_cpus_per_actor": 1},
-        "chunk_size": 2,
-        "max_attempts": 3,
-    }
-    path.write_text(json.dumps(spec, indent=2))  # JSON is YAML
-    return path
+    """The job's manifest, as the job tests write it (an `s3://` output stays a string)."""
+    from tests.jobs.conftest import write_manifest as job_manifest
+
+    return job_manifest(path, shards=shards, output=output, model=model, name="metadata-bench")
+
+
+def local_outputs(runners: list[Any], work: Path, prefix: str, n: int, ckpt: Path) -> Iterator[tuple[Any, Path, Path]]:
+    """For each checkout: an empty output folder for `n` local shards, and the manifest naming both."""
+    shard_spec = make_shard_files(work / f"shards-{n}", n)
+    for r in runners:
+        out = work / f"{prefix}-{r.tag}-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        yield r, out, write_manifest(work / f"manifest-{prefix}-{r.tag}-{n}.yaml", shards=shard_spec,
+                                     output=str(out), model=ckpt)
 
 
 def make_shard_files(folder: Path, n: int) -> str:
@@ -559,6 +558,7 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(REPO))  # this repository's test helpers (manifests, the moto server, request counts)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--code", type=Path, default=REPO, help="checkout to measure (default: this repository)")
     p.add_argument("--baseline", type=Path, help="another checkout to measure the same way, for ratios")
@@ -598,23 +598,13 @@ def main(argv: list[str] | None = None) -> int:
         if not (ckpt / "config.json").exists():
             runners[0].run("checkpoint", path=str(ckpt))
         for n in sizes:
-            shard_spec = make_shard_files(work / f"shards-{n}", n)
-            for r in runners:
-                out = work / f"out-{r.tag}-{n}"
-                shutil.rmtree(out, ignore_errors=True)
-                manifest = write_manifest(work / f"manifest-{r.tag}-{n}.yaml", shards=shard_spec,
-                                          output=str(out), model=ckpt)
+            for r, out, manifest in local_outputs(runners, work, "out", n, ckpt):
                 results += measure_output(r, where="local", n=n, manifest=manifest, output=str(out),
                                           html=work / f"inspect-{r.tag}-{n}.html", s3=False)
         if s3_sizes:
             results += measure_s3(runners, work, s3_sizes, ckpt)
         for n in mem_sizes:
-            shard_spec = make_shard_files(work / f"shards-{n}", n)
-            for r in runners:
-                out = work / f"mem-{r.tag}-{n}"
-                shutil.rmtree(out, ignore_errors=True)
-                manifest = write_manifest(work / f"manifest-mem-{r.tag}-{n}.yaml", shards=shard_spec,
-                                          output=str(out), model=ckpt)
+            for r, out, manifest in local_outputs(runners, work, "mem", n, ckpt):
                 results.append(measure_memory(r, n, args.mem_rows, manifest, str(out),
                                               work / f"inspect-mem-{r.tag}-{n}.html"))
     finally:
@@ -635,7 +625,6 @@ def measure_s3(runners: list[Runner], work: Path, sizes: list[int], ckpt: Path) 
     """The same operations on an output under s3://bench/ on a moto server on 127.0.0.1 (tests/moto_server.py)."""
     import boto3
 
-    sys.path.insert(0, str(REPO))
     from tests.moto_server import moto_server
 
     results = []

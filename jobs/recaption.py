@@ -39,6 +39,7 @@ from pipeline.progress import (
     plan_redo,
     plan_shards,
     record_failure,
+    settle_record,
     write_shard_list,
 )
 from pipeline.retry import RetryPolicy
@@ -542,6 +543,10 @@ def _retry_or_fail(store: OutputStore, task: Task, reason: str, policy: RetryPol
 
 def _finish(store: OutputStore, names: list[str], failed: list[str], report: dict[str, Any] | None = None) -> int:
     report = report or collect_status(store, names)
+    for name in report["stale_records"]:  # killed between its data file and its record: the record catches up
+        if settle_record(store, name):
+            log.info("shard %s: its data file was written but its progress record did not say so (a worker "
+                     "killed in between); the record says done now", name)
     log.info("summary: shards %s; rows %s; output %s", _fmt(report["shards_by_state"]),
              _fmt(report["rows_by_status"]), store.uri)
     if failed:

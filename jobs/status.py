@@ -76,6 +76,7 @@ def collect_status(store: OutputStore, names: list[str] | None = None, card: boo
     reasons: Counter = Counter()
     flags: Counter = Counter()
     repaired = 0
+    stale: list[str] = []  # finished shards whose record does not say done (see settle_record)
     done_rows: Counter = Counter()  # rows of finished shards only (the dataset's rows)
     redo: Counter = Counter()  # rows of finished shards a `--redo STATUS` would caption again
     for name in names:
@@ -84,6 +85,8 @@ def collect_status(store: OutputStore, names: list[str] | None = None, card: boo
         state, counts = info["state"], info.get("rows") or {}
         rows.update(counts)
         if state == "done":
+            if name in view.recorded and record.get("state") != "done":
+                stale.append(name)
             done_rows.update(counts)
             redo.update({k: v for k, v in counts.items() if k in REDO_STATUSES})
             flags.update(summary["flags"])
@@ -116,6 +119,7 @@ def collect_status(store: OutputStore, names: list[str] | None = None, card: boo
         "shards": shards,
         "failed": {n: i.get("last_error") for n, i in shards.items() if i["state"] == "failed"},
         "not_in_latest_list": others,
+        "stale_records": stale,
         "others_done": {k: dict(v) if isinstance(v, Counter) else v for k, v in others_done.items()},
     }
 

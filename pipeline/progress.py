@@ -203,6 +203,27 @@ def mark_done(store: OutputStore, shard: str, counts: dict[str, int], truncated:
                 pid=None, finished_at=time.time(), redo=None, **(stats.record_fields() if stats is not None else {}))
 
 
+def file_stats(store: OutputStore, shard: str) -> Stats:
+    """The counters of a finished shard's data file rows (after a redo, or when its record does not say)."""
+    columns = ["status", "caption_flags", "tokens_en", "tokens_zh", "error", "attempts"]
+    stats = Stats()
+    stats.add_rows(store.read_table(store.data_path(shard), columns=columns).to_pylist())
+    return stats
+
+
+def settle_record(store: OutputStore, shard: str, record: dict[str, Any] | None = None) -> bool:
+    """A finished shard (its data file exists) whose record does not say done: a worker was killed between
+    creating the data file and writing its record, or its actor died before the driver heard of it. The
+    record says done again, with the data file's counts. `record`: the record already read, if it was.
+    Returns whether it wrote."""
+    state = record if record is not None else (read_state(store, shard) or {})
+    if state.get("state") == "done":
+        return False
+    stats = file_stats(store, shard)
+    mark_done(store, shard, dict(stats.rows), state.get("truncated"), float(state.get("seconds") or 0.0), stats)
+    return True
+
+
 def record_failure(store: OutputStore, shard: str, url: str, attempt: int, reason: str, final: bool) -> None:
     state = read_state(store, shard) or {"shard": shard, "errors": []}
     errors = list(state.get("errors", [])) + [{"attempt": attempt, "reason": reason, "at": time.time()}]

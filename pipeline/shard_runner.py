@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.captioning import Captioner
 from pipeline.decode import DecodePool
-from pipeline.progress import ShardResume, mark_done, mark_running, read_state, touch_running
+from pipeline.progress import ShardResume, file_stats, mark_done, mark_running, settle_record, touch_running
 from pipeline.rows import failure_row, sample_failure
 from pipeline.scheduler import CaptionService
 from pipeline.settings import ShardSettings  # noqa: F401  (re-exported: callers build it with run_shard)
@@ -82,7 +82,7 @@ def run_shard(
                     settings=settings, redo=redo)
     if run.resume.finished:
         run.out.already_done = True
-        run.settle_record()
+        settle_record(store, shard)
         return run.out
     mark_running(store, shard, url, attempt, os.getpid(), redo=redo)
     try:
@@ -171,26 +171,9 @@ class _ShardRun:
         out.counts = dict(counts)
         out.seconds = time.perf_counter() - self.t_start
         mark_done(self.store, self.shard, counts, out.truncated, out.seconds,
-                  self.file_stats() if self.redo else self.resume.stats + out.stats)
+                  file_stats(self.store, self.shard) if self.redo else self.resume.stats + out.stats)
 
     # ---- helpers
-
-    def settle_record(self) -> None:
-        """The shard was finished by an earlier attempt whose actor died before the driver heard of it (the
-        driver then recorded a failed attempt): its record says done again, with the data file's counts."""
-        state = read_state(self.store, self.shard) or {}
-        if state.get("state") == "done":
-            return
-        stats = self.file_stats()
-        mark_done(self.store, self.shard, Counter(stats.rows), state.get("truncated"),
-                  float(state.get("seconds") or 0.0), stats)
-
-    def file_stats(self) -> Stats:
-        """The counters of the data file's rows (after a redo replaced some of them)."""
-        columns = ["status", "caption_flags", "tokens_en", "tokens_zh", "error", "attempts"]
-        stats = Stats()
-        stats.add_rows(self.store.read_table(self.store.data_path(self.shard), columns=columns).to_pylist())
-        return stats
 
     def fresh_samples(self) -> Iterator[Sample]:
         seen = set(self.resume.committed_keys)

@@ -19,9 +19,11 @@ from pipeline.progress import (
     mark_done,
     mark_running,
     plan_shards,
+    read_state,
     record_failure,
     touch_running,
     write_shard_list,
+    write_state,
 )
 from pipeline.stats import Stats
 from pipeline.writing import COLUMNS, OutputStore
@@ -158,7 +160,9 @@ def test_a_torn_record_reads_as_none(output):
 
 def test_a_rerun_with_everything_done_starts_no_ray_and_imports_no_torch(tiny_checkpoint, tmp_path):
     """The driver's whole path on a finished output: preflight, fingerprint, lease, plan, summary — without
-    torch, transformers or a Ray cluster (the output's shards are all finished)."""
+    torch, transformers or a Ray cluster (the output's shards are all finished). One shard's worker was killed
+    between creating its data file and writing its record (found by the S3 chaos test): the rerun leaves the
+    shard alone (it is finished) and its record says done again, with the data file's counts."""
     import subprocess
     import sys
 
@@ -174,6 +178,7 @@ def test_a_rerun_with_everything_done_starts_no_ray_and_imports_no_torch(tiny_ch
         stats = Stats()
         stats.add_rows(_rows(name, 2))
         mark_done(store, name, store.finalize_shard(name, {}), None, 1.0, stats)
+    write_state(store, "00003", state="running", pid=999_999, rows=None, committed={"ok": 1}, finished_at=None)
     manifest = write_manifest(tmp_path / "job.yaml", shards=f"{shard_dir}/{{00000..00004}}.tar",
                               output=tmp_path / "out", model=tiny_checkpoint)
     code = ("import sys\n"
@@ -185,3 +190,10 @@ def test_a_rerun_with_everything_done_starts_no_ray_and_imports_no_torch(tiny_ch
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "IMPORTED [] 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "5 done, 0 to run" in proc.stderr and "summary: shards done=5" in proc.stderr, proc.stderr[-2000:]
+    assert "shard 00003: its data file was written but its progress record did not say so" in proc.stderr
+    settled = read_state(store, "00003")
+    assert settled["state"] == "done" and settled["pid"] is None and settled["finished_at"], settled
+    fields = ("rows", "committed", "flags", "repaired", "tokens")  # its rows are like 00002's
+    assert {k: settled[k] for k in fields} == {k: read_state(store, "00002")[k] for k in fields}, settled
+    assert settled["rows"] == {"flagged": 1, "error": 1} and settled["repaired"] == 1, settled
+    assert collect_status(store)["stale_records"] == []

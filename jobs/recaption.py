@@ -28,7 +28,7 @@ from pipeline.dataset_card import write_dataset_card
 from pipeline.lease import LeaseHeld, acquire
 from pipeline.manifest import Manifest, ManifestError, load_manifest, resolve_paths
 from pipeline.model_identity import checkpoint_files
-from pipeline.preflight import SetupError, check_shards
+from pipeline.preflight import SetupError, check_shards, check_unique_keys
 from pipeline.progress import (
     JOB_FILE,
     FingerprintMismatch,
@@ -235,6 +235,8 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0, forc
     model = describe_job_model(m)  # frames, prompts, content identity: the driver's one look at the checkpoint
     ident = job_identity(m, model)
     shards = check_shards(expand_shard_spec(m.shards), m.storage)
+    if m.duplicate_keys == "refuse":
+        check_unique_keys(shards, m.storage)
     check_device_setting(m)
     if redo and store.read_json(store.path(JOB_FILE)) is None:
         raise SetupError(f"--redo needs an existing output; {m.output} has no {JOB_FILE}")

@@ -225,6 +225,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("driver: none running")
     lines.append("shards: " + ", ".join(f"{s}={report['shards_by_state'].get(s, 0)}" for s in SHOWN_STATES))
     lines.append("rows:   " + (", ".join(f"{k}={v}" for k, v in sorted(report["rows_by_status"].items())) or "none"))
+    duplicates = report["rows_by_status"].get("duplicate", 0)
+    if duplicates:
+        lines.append(f"dupes:  {duplicates} rows are keys another shard of this output already holds (status "
+                     f"duplicate, not captioned again); {sum(report['rows_by_status'].values()) - duplicates} "
+                     "rows without them")
     redo = report.get("redo_rows") or {}
     if redo:
         lines.append("redo:   rows a `recaption run MANIFEST --redo STATUS,...` would caption again: "

@@ -41,6 +41,15 @@ def collect_counts(store: OutputStore) -> tuple[Counter, Counter, int, int]:
     return statuses, flags, len(files), repaired
 
 
+def duplicates_line(statuses: Counter) -> str:
+    n = statuses.get("duplicate", 0)
+    if not n:
+        return ""
+    return (f" Of these, {n} have status `duplicate`: their key is already in another shard's row (not captioned "
+            f"again; its `error` names that shard). Rows with distinct keys: {sum(statuses.values()) - n} "
+            "(filter `status != 'duplicate'`).")
+
+
 def frames_lines(description: ModelDescription | None) -> list[str]:
     """How clips became the model's input: the checkpoint's frame count, crop, mean/std and pooling (the
     released checkpoints' when `description` is None)."""
@@ -107,7 +116,7 @@ def render_card(job: dict[str, Any], statuses: Counter, flags: Counter, n_shards
         "",
         "## Counts",
         "",
-        f"Finished shards: {n_shards}. Rows: {sum(statuses.values())}.",
+        f"Finished shards: {n_shards}. Rows: {sum(statuses.values())}." + duplicates_line(statuses),
         "",
         "| status | rows |",
         "| --- | --- |",

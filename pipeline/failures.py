@@ -17,6 +17,8 @@ class Status(StrEnum):
     SOURCE_FAILED = "source_failed"
     DECODE_ERROR = "decode_error"
     ERROR = "error"
+    # the key is already in another shard of the output (pipeline/key_claims.py): not captioned again
+    DUPLICATE = "duplicate"
 
 
 class Flag(StrEnum):
@@ -29,7 +31,7 @@ class Flag(StrEnum):
     TRUNCATED = "truncated"
 
 
-STATUSES = tuple(s.value for s in Status)  # ("ok", "flagged", "source_failed", "decode_error", "error")
+STATUSES = tuple(s.value for s in Status)  # ("ok", "flagged", "source_failed", "decode_error", "error", "duplicate")
 FLAG_NAMES = tuple(sorted(f.value for f in Flag))
 
 

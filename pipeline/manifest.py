@@ -26,6 +26,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 MAX_REPAIR_ATTEMPTS = 5
 MAX_SCORE_FRAMES = 16
 DECODE_MODES = ("thread", "process")
+# A key already in another shard of the output: keep the first row and give the later sample a `duplicate` row,
+# or refuse, at preflight, a job whose shards repeat a key (pipeline/key_claims.py).
+DUPLICATE_KEY_POLICIES = ("keep_first", "refuse")
 
 
 class ManifestError(ValueError):
@@ -150,6 +153,7 @@ class Manifest:
     score: ScoreSpec = field(default_factory=ScoreSpec)
     chunk_size: int = 256
     max_attempts: int = 3
+    duplicate_keys: str = "keep_first"
     # A shard running longer fails this attempt (committed chunks are kept; the retry resumes after them).
     shard_timeout_s: float = 7200.0
     source: str = "<dict>"  # where it was read from; not part of the spec itself
@@ -318,6 +322,7 @@ def _check_values(m: Manifest, source: str) -> None:
         ("zh.mode", m.zh.mode, ZH_MODES),
         ("zh.variant", m.zh.variant, ZH_VARIANTS),
         ("decode.mode", m.decode.mode, DECODE_MODES),
+        ("duplicate_keys", m.duplicate_keys, DUPLICATE_KEY_POLICIES),
     ]:
         if value not in allowed:
             raise bad(name, f"is {value!r}; allowed: {', '.join(allowed)}")

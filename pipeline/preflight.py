@@ -83,3 +83,22 @@ def check_shards(urls: list[str], storage: StorageSpec | None = None) -> list[tu
     if dupes:
         raise SetupError(f"shards: {_shown(dupes)} appear twice (or two shard URLs share a name)")
     return list(zip(names, expanded))
+
+
+def check_unique_keys(shards: list[tuple[str, str]], storage: StorageSpec | None = None) -> None:
+    """`duplicate_keys: refuse`: read every shard's samples once and refuse the job, naming the keys and the
+    shards, when a key appears in more than one shard. Costs one read of every shard before any work (the
+    default `keep_first` costs nothing here: the second shard to reach a key writes a `duplicate` row)."""
+    from pipeline.key_claims import describe_duplicates, find_duplicate_keys
+    from pipeline.shards import ShardReader
+
+    def keys_of(name: str, url: str) -> list[str]:
+        try:
+            return [s.key for s in ShardReader(url, storage=storage)]
+        except ShardReadError as e:
+            raise SetupError(f"duplicate_keys: refuse: cannot read shard {name}: {e}") from None
+
+    dupes = find_duplicate_keys(shards, keys_of)
+    if dupes:
+        raise SetupError(f"duplicate_keys: refuse: {describe_duplicates(dupes)}; remove the repeated samples or "
+                         f"set duplicate_keys: keep_first")

@@ -19,8 +19,9 @@ from typing import Any
 
 from pipeline.captioning import Captioner
 from pipeline.decode import DecodePool
+from pipeline.key_claims import KeyClaims
 from pipeline.progress import ShardResume, file_stats, mark_done, mark_running, settle_record, touch_running
-from pipeline.rows import failure_row, sample_failure
+from pipeline.rows import Row, Status, failure_row, sample_failure
 from pipeline.scheduler import CaptionService
 from pipeline.settings import ShardSettings  # noqa: F401  (re-exported: callers build it with run_shard)
 from pipeline.shards import Sample, ShardReader
@@ -115,6 +116,9 @@ class _ShardRun:
         self.ticket = service.open(shard)
         self.model_s_at_start = service.stats.model_s
         self.pending: list[dict[str, Any]] = []
+        self.claims = KeyClaims(store, shard)
+        # key -> the shard that claimed it first; written by the reading thread before the sample is queued
+        self.duplicates: dict[str, str] = {}
 
     # ---- the steps
 
@@ -187,10 +191,18 @@ class _ShardRun:
                 self.out.stats.keys_skipped += 1
                 continue
             seen.add(sample.key)
+            holder = self.claims.holder(sample.key)
+            if holder is not None:  # another shard captions this key: a `duplicate` row, nothing decoded
+                self.duplicates[sample.key] = holder
+                sample = dataclasses.replace(sample, mp4=None)
             yield sample
 
     def route(self, item: tuple[Sample, Any]) -> None:
         sample, decoded = item
+        holder = self.duplicates.pop(sample.key, None)
+        if holder is not None:
+            self.pending.append(self.duplicate_row(sample, holder))
+            return
         failure = sample_failure(sample, decoded)  # source failed, mp4 missing/cut from the tar, undecodable
         if failure is not None:
             self.pending.append(failure_row(sample, failure, ctx=self.captioner).to_dict())
@@ -198,6 +210,10 @@ class _ShardRun:
             while not self.service.submit(self.ticket, sample, decoded, timeout=0.2):  # the engine is full
                 self.check_limits()
                 self.collect()
+
+    def duplicate_row(self, sample: Sample, holder: str) -> dict[str, Any]:
+        return Row.for_sample(sample, None, self.captioner, status=Status.DUPLICATE,
+                              error=f"duplicate key: already in shard {holder}").to_dict()
 
     def collect(self) -> None:
         self.pending.extend(self.ticket.take())  # captioned clips' rows, or the captioner's `error` rows

@@ -47,7 +47,8 @@ def test_the_module_owns_the_schema_and_the_names():
     import pipeline.writing
 
     assert pipeline.writing.SCHEMA is SCHEMA and pipeline.writing.COLUMNS == COLUMNS
-    assert pipeline.writing.STATUSES == STATUSES == ("ok", "flagged", "source_failed", "decode_error", "error")
+    assert pipeline.writing.STATUSES == STATUSES == ("ok", "flagged", "source_failed", "decode_error", "error",
+                                                     "duplicate")
     assert [f.name for f in dataclasses.fields(Row)] == list(COLUMNS) == SCHEMA.names
     assert pipeline.quality.FLAG_NAMES == FLAG_NAMES == ("echo", "empty", "repetition", "truncated",
                                                          "wrong_language")

@@ -25,6 +25,7 @@ from pipeline.frames import (
     DecodedClip,
     DecodeFailure,
     decode_clip,
+    decord_reason,
     display_rotation,
     probe_video,
     resized_size,
@@ -133,6 +134,15 @@ def test_a_clip_decord_cannot_decode_has_a_readable_reason() -> None:
     assert isinstance(result, DecodeFailure), result
     assert result.reason == "unsupported codec av1: decord has no decoder for it"
     assert result.kind == "decode: unsupported codec av1"
+
+
+def test_decord_errors_lose_their_location_and_compared_values() -> None:
+    raw = ("[23:09:26] /github/workspace/src/video/video_reader.cc:151: Check failed: st_nb >= 0 (-1128613112 vs. 0)"
+           " ERROR cannot find video stream with wanted index: -1\n\nStack trace:\n  [bt] (0) libdecord.so")
+    assert decord_reason(RuntimeError(raw)) == (
+        "Check failed: st_nb >= 0 ERROR cannot find video stream with wanted index: -1")
+    assert decord_reason(RuntimeError("Error: av_read_frame failed with -5")) == "Error: av_read_frame failed with -5"
+    assert decord_reason(RuntimeError("")) == "RuntimeError"
 
 
 # ----------------------------------------------------------------------------------------------- rows

@@ -13,7 +13,6 @@ import base64
 import hashlib
 import heapq
 import html
-import io
 import sys
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.describe import evenly_spaced
+from pipeline.frames import DecodeFailure, decord_reason, open_video, probe_video
 from pipeline.progress import JOB_FILE, read_shard_list
 from pipeline.rows import COLUMNS, STATUSES
 from pipeline.shards import ShardReader, ShardReadError, expand_shard_spec, shard_name
@@ -158,21 +158,21 @@ def encode_jpeg(rgb: np.ndarray) -> bytes:
 
 
 def decode_thumbnails(mp4: bytes, row: dict[str, Any]) -> list[tuple[int, bytes]] | str:
-    """Four of the row's sampled frames as small JPEGs, or why they could not be decoded."""
+    """Four of the row's sampled frames as small JPEGs, as displayed (rotation applied, as the model saw them),
+    or why they could not be decoded. The size is probed from the clip: rows written before rotation was
+    honoured hold the coded size."""
     indices = row["frame_indices"]
-    if not row["width"] or not row["height"]:
-        return "the row records no frame size"
     picked = [indices[i] for i in thumbnail_positions(len(indices))]
-    width, height = thumbnail_size(row["width"], row["height"])
-    import decord  # here: decord is only needed when there are frames to show
-
-    decord.logging.set_level(decord.logging.QUIET)
+    probe = probe_video(mp4)
+    if isinstance(probe, DecodeFailure):
+        return f"frames could not be decoded: {probe.reason}"
+    reader = open_video(mp4, probe, *thumbnail_size(probe.width, probe.height))
+    if isinstance(reader, DecodeFailure):
+        return f"frames could not be decoded: {reader.reason}"
     try:
-        reader = decord.VideoReader(io.BytesIO(mp4), ctx=decord.cpu(0), width=width, height=height,
-                                    num_threads=1)
         frames = reader.get_batch(picked).asnumpy()  # (4, height, width, 3) uint8
     except Exception as err:  # noqa: BLE001 - any decoder error becomes the card's note
-        return f"frames could not be decoded: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        return f"frames could not be decoded: {decord_reason(err)}"
     return [(index, encode_jpeg(frame)) for index, frame in zip(picked, frames)]
 
 

@@ -14,6 +14,9 @@ batch on the model's device. A hang or a crash inside the decoder (C code) canno
 from __future__ import annotations
 
 import io
+import math
+import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +27,9 @@ from model.describe import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, NUM_FRAMES
 from pipeline.failures import Failure
 
 if TYPE_CHECKING:
+    import av.container
+    import av.video.stream
+    import decord
     import torch
 
 SIZE = IMAGE_SIZE
@@ -67,7 +73,7 @@ class DecodeFailure(Failure):
 class DecodedClip:
     """A decoded clip: N sampled, resized and center-cropped frames, and what was learnt about the source.
 
-    ``width``/``height``/``num_frames`` describe the source clip. The frames stay uint8 until the model
+    ``width``/``height``/``num_frames`` describe the source clip, its size as displayed (``probe_video``). The frames stay uint8 until the model
     batch is built (``normalize_frames`` on the model's device): a quarter of the bytes to ship from a
     decoder process, to stack and to copy to the GPU, and one vectorised normalisation per batch.
     """
@@ -110,47 +116,128 @@ def _short_reason(err: BaseException) -> str:
     return "".join(c if c.isprintable() else "?" for c in first_line)[:300]
 
 
-def _probe(mp4: bytes) -> tuple[int, int] | DecodeFailure:
-    """The video stream's (width, height), read from the container headers with PyAV."""
+@dataclass(frozen=True)
+class VideoProbe:
+    """The video stream as the container describes it, read before decord opens the clip."""
+
+    width: int  # as displayed: the coded size, width and height swapped by a 90° or 270° rotation
+    height: int
+    rotation: int  # clockwise degrees a player turns the coded picture: 0, 90, 180 or 270
+    codec: str  # e.g. "h264", "av1"
+
+
+def display_rotation(rotate_tag: str | None, display_matrix: bytes | None) -> int:
+    """The clockwise rotation (0, 90, 180 or 270) decord applies, by decord's own rule, so that the size we
+    ask of it is the size it returns: the stream's ``rotate`` tag when set and not 0, else the display
+    matrix (FFmpeg's 9 int32, read as the ``rotate`` tag FFmpeg 4 made of it: degrees printed with %g).
+    Any other angle is 0: decord shows it as coded. Flips in the matrix are ignored, as decord does."""
+    theta = 0.0
+    if rotate_tag and rotate_tag != "0":
+        try:
+            theta = float(rotate_tag)
+        except ValueError:
+            theta = 0.0
+    if not theta and display_matrix is not None and len(display_matrix) == 36:
+        m = struct.unpack("=9i", display_matrix)
+        scale_x, scale_y = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+        if scale_x and scale_y:
+            clockwise = math.degrees(math.atan2(m[1] / scale_y, m[0] / scale_x))
+            theta = float(f"{clockwise + 360 if clockwise < 0 else clockwise:g}")
+    if not math.isfinite(theta):
+        return 0
+    theta = math.fmod(theta, 360)
+    degrees = int(theta + 360 if theta < 0 else theta)
+    return degrees if degrees in (90, 180, 270) else 0
+
+
+def _display_matrix(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> bytes | None:
+    """The stream's display matrix. FFmpeg 8 (PyAV) hands the container's matrix to the decoder, not to the
+    stream's metadata, so the first frame is decoded to read it (one thread: ~5 ms at 720p). None when there
+    is none, or when PyAV cannot decode the first frame: decord then reports what is wrong with the clip."""
+    from av.sidedata.sidedata import Type
+
+    stream.thread_count = 1
+    try:
+        frame = next(container.decode(stream), None)
+    except Exception:  # noqa: BLE001 - a broken first frame is decord's to report
+        return None
+    if frame is None:
+        return None
+    return next((bytes(data) for data in frame.side_data if data.type == Type.DISPLAYMATRIX), None)
+
+
+def probe_video(mp4: bytes) -> VideoProbe | DecodeFailure:
+    """The video stream's displayed size, rotation and codec, read with PyAV; sizes decord is not asked to
+    decode (none, or over ``MAX_PIXELS``) are refused here, before any frame is decoded."""
     import av  # here: only needed for probing
 
     try:
         with av.open(io.BytesIO(mp4), mode="r") as container:
             if not container.streams.video:
                 return DecodeFailure("no video stream in the mp4")
-            codec = container.streams.video[0].codec_context
-            return codec.width, codec.height
+            stream = container.streams.video[0]
+            codec = stream.codec_context
+            width, height = codec.width, codec.height
+            if width <= 0 or height <= 0:
+                return DecodeFailure(f"unsupported frame size {width}x{height}")
+            if width * height > MAX_PIXELS:
+                return DecodeFailure(f"video is {width}x{height}, over the {MAX_PIXELS / 1e6:.1f}-megapixel cap")
+            rotate_tag = next((v for k, v in stream.metadata.items() if k.lower() == "rotate"), None)
+            rotation = display_rotation(rotate_tag, _display_matrix(container, stream))
+            name = codec.codec.canonical_name
     except Exception as err:  # noqa: BLE001 - any parser error is a property of the file
         return DecodeFailure(f"could not read the mp4 container: {_short_reason(err)}")
+    if rotation in (90, 270):
+        width, height = height, width
+    return VideoProbe(width, height, rotation, name)
+
+
+# decord's C++ errors start with a time and a source location, and a failed CHECK prints the values it
+# compared, often uninitialised memory: "[23:09:26] /src/video_reader.cc:151: Check failed: st_nb >= 0
+# (-1128613112 vs. 0) ERROR cannot find video stream with wanted index: -1".
+_DECORD_LOCATION = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")
+_DECORD_CHECK_VALUES = re.compile(r" \([^()]* vs\. [^()]*\)")
+
+
+def decord_reason(err: BaseException) -> str:
+    """A decord error as one readable line, without its source location and the values a CHECK compared."""
+    text = (str(err).splitlines() or [""])[0]
+    text = _DECORD_CHECK_VALUES.sub("", _DECORD_LOCATION.sub("", text)).strip()
+    return "".join(c if c.isprintable() else "?" for c in text)[:300] or type(err).__name__
+
+
+def open_video(mp4: bytes, probe: VideoProbe, width: int, height: int) -> decord.VideoReader | DecodeFailure:
+    """decord's reader of ``mp4``, giving frames of ``width`` x ``height`` as displayed: decord turns the
+    picture by the rotation the probe found (same rule), then scales it to the size asked. One decoder
+    thread: parallelism comes from decoding several clips at once."""
+    import decord  # here: decord is imported in the process that decodes
+
+    decord.logging.set_level(decord.logging.QUIET)
+    try:
+        return decord.VideoReader(io.BytesIO(mp4), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+    except AssertionError:  # decord asserts a positive frame count
+        return DecodeFailure("no frames")
+    except Exception as err:  # noqa: BLE001
+        if "cannot find video stream" in str(err):  # the probe found one: decord's FFmpeg 4.1 cannot decode it
+            return DecodeFailure(f"unsupported codec {probe.codec}: decord has no decoder for it")
+        return DecodeFailure(f"decord could not open the mp4: {decord_reason(err)}")
 
 
 def decode_frames(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE) -> DecodedClip | DecodeFailure:
     """Decode ``num_frames`` PLLaVA-sampled frames, resized (shortest side ``size``) and center-cropped.
 
-    decord resizes while decoding (swscale, in C); we pass the exact target so the aspect ratio is kept.
-    One decoder thread per clip: parallelism comes from decoding several clips at once.
+    decord turns the picture as displayed (rotation metadata) and resizes it while decoding (swscale, in C);
+    we pass the exact target of the displayed size, so the aspect ratio is kept.
     """
     if not mp4:
         return DecodeFailure("empty mp4 (0 bytes)")
-    probed = _probe(mp4)
-    if isinstance(probed, DecodeFailure):
-        return probed
-    width, height = probed
-    if width <= 0 or height <= 0:
-        return DecodeFailure(f"unsupported frame size {width}x{height}")
-    if width * height > MAX_PIXELS:
-        return DecodeFailure(f"video is {width}x{height}, over the {MAX_PIXELS / 1e6:.1f}-megapixel cap")
-    import decord  # here: decord is imported in the process that decodes
-
-    decord.logging.set_level(decord.logging.QUIET)
-    target_w, target_h = resized_size(width, height, size)
-    try:
-        reader = decord.VideoReader(io.BytesIO(mp4), ctx=decord.cpu(0), width=target_w, height=target_h,
-                                    num_threads=1)
-    except AssertionError:  # decord asserts a positive frame count
-        return DecodeFailure("no frames")
-    except Exception as err:  # noqa: BLE001
-        return DecodeFailure(f"decord could not open the mp4: {_short_reason(err)}")
+    probe = probe_video(mp4)
+    if isinstance(probe, DecodeFailure):
+        return probe
+    target_w, target_h = resized_size(probe.width, probe.height, size)
+    reader = open_video(mp4, probe, target_w, target_h)
+    if isinstance(reader, DecodeFailure):
+        return reader
     try:
         n = len(reader)
         if n < 1:
@@ -165,7 +252,7 @@ def decode_frames(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE)
         batch = reader.get_batch(indices).asnumpy()  # (T, target_h, target_w, 3) uint8
         fps = float(reader.get_avg_fps())
     except Exception as err:  # noqa: BLE001
-        return DecodeFailure(f"decord could not decode frames: {_short_reason(err)}")
+        return DecodeFailure(f"decord could not decode frames: {decord_reason(err)}")
     finally:
         del reader
     if batch.shape != (num_frames, target_h, target_w, 3):
@@ -176,7 +263,7 @@ def decode_frames(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE)
         fps = 0.0
     if not np.isfinite(duration_s) or duration_s <= 0:
         duration_s = n / fps if fps else 0.0
-    return DecodedClip(frames, fps, n, width, height, duration_s, indices)
+    return DecodedClip(frames, fps, n, probe.width, probe.height, duration_s, indices)
 
 
 def decode_clip(mp4: bytes, *, num_frames: int = NUM_FRAMES, size: int = SIZE) -> DecodedClip | DecodeFailure:

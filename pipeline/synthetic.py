@@ -67,25 +67,39 @@ def encode_clip(
     *,
     audio: bool = False,
     pattern_seed: int = 0,
+    rotation: int = 0,
+    rotate_tag: bool = False,
+    codec: str = "libx264",
 ) -> bytes:
-    """An H.264 High yuv420p mp4 (one keyframe at frame 0) of a moving colour pattern, optionally with AAC."""
+    """An H.264 High yuv420p mp4 (one keyframe at frame 0) of a moving colour pattern, optionally with AAC.
+
+    ``width`` x ``height`` is the coded size. ``rotation`` (clockwise degrees, as phones record portrait
+    video) is written as the mp4's display matrix, or with ``rotate_tag`` as a ``rotate`` tag in a Matroska
+    file (FFmpeg no longer writes that tag to mp4). ``codec`` is another PyAV encoder (e.g. ``libsvtav1``)
+    with its default settings.
+    """
     rng = np.random.default_rng(pattern_seed)
     base = rng.integers(30, 220, size=3)
     square = max(4, min(width, height) // 4)
     xs = np.arange(width, dtype=np.int32)[None, :]
     ys = np.arange(height, dtype=np.int32)[:, None]
     buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=fps)
+    with av.open(buf, "w", format="matroska" if rotate_tag else "mp4") as container:
+        video = container.add_stream(codec, rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        # One keyframe at frame 0 like the re-encoded Panda clips; no scene cuts. rc-lookahead=0 and keeping
-        # every frame referenced until the container closes: without them x264's output varied from run to
-        # run (PyAV 18), and a seed must give byte-identical shards.
-        video.options = {
-            "preset": "veryfast",
-            "profile": "high",
-            "x264-params": "keyint=100000:min-keyint=100000:scenecut=0:rc-lookahead=0",
-        }
+        if rotate_tag:
+            video.metadata["rotate"] = str(rotation)
+        elif rotation:
+            video.set_display_rotation(-rotation)  # PyAV takes counter-clockwise degrees
+        if codec == "libx264":
+            # One keyframe at frame 0 like the re-encoded Panda clips; no scene cuts. rc-lookahead=0 and
+            # keeping every frame referenced until the container closes: without them x264's output varied
+            # from run to run (PyAV 18), and a seed must give byte-identical shards.
+            video.options = {
+                "preset": "veryfast",
+                "profile": "high",
+                "x264-params": "keyint=100000:min-keyint=100000:scenecut=0:rc-lookahead=0",
+            }
         audio_stream = container.add_stream("aac", rate=44100) if audio else None
         frames = []
         for i in range(n_frames):

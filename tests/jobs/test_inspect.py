@@ -307,6 +307,36 @@ def test_thumbnail_positions():
     assert inspect_job.thumbnail_size(64, 96) == (160, 240)
 
 
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_thumbnails_show_rotated_clips_as_displayed(rotation):
+    """The contact sheet's frames are the model's: turned as displayed, not stretched, even for a row written
+    before rotation was honoured (it holds the coded size)."""
+    import io
+
+    import av
+    import torch
+
+    from pipeline.frames import sample_frame_indices
+    from tests.pipeline.test_rotation import CODED, N_FRAMES, displayed_frames, mean_abs_diff, rotated_clip
+
+    mp4 = rotated_clip(rotation)
+    indices = sample_frame_indices(N_FRAMES)
+    thumbs = inspect_job.decode_thumbnails(mp4, {"frame_indices": indices, "width": CODED[0], "height": CODED[1]})
+    assert isinstance(thumbs, list) and [i for i, _ in thumbs] == [indices[p] for p in (0, 5, 10, 15)], thumbs
+    shown = np.stack([next(av.open(io.BytesIO(jpeg)).decode(video=0)).to_ndarray(format="rgb24")
+                      for _, jpeg in thumbs])
+    displayed = CODED[::-1] if rotation in (90, 270) else CODED
+    assert shown.shape[1:3] == inspect_job.thumbnail_size(*displayed)[::-1]
+
+    def thumbnails(turn):
+        x = torch.from_numpy(displayed_frames(mp4, turn)[[i for i, _ in thumbs]]).permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(x, size=shown.shape[1:3], mode="bicubic", antialias=True)
+        return x.clamp(0, 255).permute(0, 2, 3, 1).numpy()
+
+    assert mean_abs_diff(shown, thumbnails(rotation)) < 6  # swscale vs torch, and JPEG
+    assert mean_abs_diff(shown, thumbnails((rotation + 180) % 360)) > 15
+
+
 def test_command_line(job_output, tmp_path):
     report = tmp_path / "cli.html"
     proc = subprocess.run([sys.executable, "-m", "jobs.inspect", str(job_output), "--html", str(report),

@@ -2,7 +2,9 @@
 
 Reads only files under OUT, so it works while a job runs, after it died, or from another machine: two
 listings and the progress records (pipeline/output_view.py); a data file only when its record does not say. The top reasons rows failed for, per job and per shard, come
-from the progress records alone (each shard's capped histogram, `pipeline.progress.ERROR_REASONS`).
+from the progress records alone (each shard's capped histogram, `pipeline.progress.ERROR_REASONS`), as do
+the rows whose input had a problem (`input_flags`: a normalised key, an unusable .json) and the tar members
+that are no sample's (`members_skipped`, written when the shard is done).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pipeline.output_view import OutputView, counts_of, data_file_summary, recor
 from pipeline.progress import ERROR_REASONS, JOB_FILE, read_shard_list
 from pipeline.rows import top_reasons
 from pipeline.shards import expand_shard_spec, shard_name
-from pipeline.stats import COMMITTED, FLAGS, REPAIRED
+from pipeline.stats import COMMITTED, FLAGS, INPUT_FLAGS, MEMBERS_SKIPPED, REPAIRED
 from pipeline.writing import OutputStore
 
 SHOWN_STATES = ("done", "running", "interrupted", "failed", "pending")
@@ -75,6 +77,7 @@ def collect_status(store: OutputStore, names: list[str] | None = None, card: boo
     by_state: Counter = Counter()
     reasons: Counter = Counter()
     flags: Counter = Counter()
+    inputs: dict[str, Counter] = {INPUT_FLAGS: Counter(), MEMBERS_SKIPPED: Counter()}
     repaired = 0
     stale: list[str] = []  # finished shards whose record does not say done (see settle_record)
     done_rows: Counter = Counter()  # rows of finished shards only (the dataset's rows)
@@ -92,6 +95,8 @@ def collect_status(store: OutputStore, names: list[str] | None = None, card: boo
             flags.update(summary["flags"])
             repaired += summary["repaired"]
         reasons.update(info.get("error_reasons") or {})
+        for field, counter in inputs.items():
+            counter.update(info.get(field) or {})
         shards[name] = info
         by_state[state] += 1
     others_done: dict[str, Any] = {"shards": 0, "rows": Counter(), "flags": Counter(), "repaired": 0}
@@ -116,6 +121,8 @@ def collect_status(store: OutputStore, names: list[str] | None = None, card: boo
         "redo_rows": {k: redo[k] for k in REDO_STATUSES if redo[k]},
         "error_reasons": dict(top_reasons(reasons)),
         "top_error_reasons": [[k, n] for k, n in top_reasons(reasons, TOP_REASONS_JOB)],
+        # rows by input problem (normalised keys, unusable .json) and the tar members that are no sample's
+        **{field: dict(counter) for field, counter in inputs.items()},
         "shards": shards,
         "failed": {n: i.get("last_error") for n, i in shards.items() if i["state"] == "failed"},
         "not_in_latest_list": others,
@@ -151,6 +158,10 @@ def _shard_info(store: OutputStore, view: OutputView, name: str, record: dict[st
         info["rows"] = counts
     if record.get("truncated"):
         info["truncated"] = record["truncated"]
+    for field in (INPUT_FLAGS, MEMBERS_SKIPPED):  # from the record only (members_skipped: once done)
+        found = counts_of(record.get(field))
+        if found:
+            info[field] = found
     histogram = record.get(ERROR_REASONS)
     top = top_reasons(histogram if isinstance(histogram, dict) else None)
     if top:
@@ -237,6 +248,8 @@ def format_report(report: dict[str, Any]) -> str:
     top = report.get("top_error_reasons") or []
     if top:
         lines.append("errors: " + _format_reasons(top, sum((report.get("error_reasons") or {}).values())))
+    if report.get(INPUT_FLAGS) or report.get(MEMBERS_SKIPPED):
+        lines.append("input:  " + _format_input(report))
     tp = report.get("throughput")
     if tp:
         lines.append(f"rate:   {tp['clips_per_s']:.2f} clips/s, {tp['shards_per_hour']:.1f} shards/hour over "
@@ -255,11 +268,26 @@ def format_report(report: dict[str, Any]) -> str:
         if info.get("top_error_reasons"):
             lines.append(f"  {'':<20} errors: " + _format_reasons(info["top_error_reasons"],
                                                                sum(info["error_reasons"].values())))
+        if info.get(INPUT_FLAGS) or info.get(MEMBERS_SKIPPED):
+            lines.append(f"  {'':<20} input: " + _format_input(info))
     others = report.get("not_in_latest_list") or []
     if others:
         shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
         lines.append(f"not in the latest run's shard list (kept, not counted above): {shown}")
     return "\n".join(lines)
+
+
+def _format_input(counts: dict[str, Any]) -> str:
+    """"rows with input problems: key_normalised=2; tar members skipped: 3 (not a regular file: 1, ...)"."""
+    parts = []
+    flags = counts.get(INPUT_FLAGS) or {}
+    if flags:
+        parts.append("rows with input problems: " + " ".join(f"{k}={v}" for k, v in sorted(flags.items())))
+    skipped = counts.get(MEMBERS_SKIPPED) or {}
+    if skipped:
+        parts.append(f"tar members skipped: {sum(skipped.values())} ("
+                     + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + ")")
+    return "; ".join(parts)
 
 
 def _format_reasons(top: list[list[Any]], total: int) -> str:

@@ -17,6 +17,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from model.describe import ModelDescription, describe_checkpoint
 from pipeline.manifest import Manifest, fingerprint
 from pipeline.model_identity import ModelIdentity, ModelPathError  # noqa: F401  (ModelPathError: re-exported)
@@ -205,9 +207,13 @@ def mark_done(store: OutputStore, shard: str, counts: dict[str, int], truncated:
 
 def file_stats(store: OutputStore, shard: str) -> Stats:
     """The counters of a finished shard's data file rows (after a redo, or when its record does not say)."""
-    columns = ["status", "caption_flags", "tokens_en", "tokens_zh", "error", "attempts"]
+    columns = ["status", "caption_flags", "tokens_en", "tokens_zh", "error", "attempts", "input_flags"]
     stats = Stats()
-    stats.add_rows(store.read_table(store.data_path(shard), columns=columns).to_pylist())
+    try:
+        rows = store.read_table(store.data_path(shard), columns=columns).to_pylist()
+    except (KeyError, pa.ArrowInvalid):  # a data file from before the `input_flags` column
+        rows = store.read_table(store.data_path(shard), columns=columns[:-1]).to_pylist()
+    stats.add_rows(rows)
     return stats
 
 

@@ -9,6 +9,10 @@ A row is one key of a shard. Everything that can go wrong with a key is a `Failu
     decode    the mp4 could not be decoded (`pipeline.frames.DecodeFailure`)  decode_error
     caption   the model raised on this clip, alone                           error
 
+Every key of a shard has a row, whatever its input: a key normalised by the reader keeps the tar's key in
+`source_key`, and what was wrong with a sample's members is in `input_flags` (`pipeline.shards.InputFlag`),
+described in `error` when the row has no failure reason of its own (a captioned row).
+
 `failure_row` builds the row of any failure; `Row.captioned` (via `Captioner.build_row`) the row of a
 captioned clip. A row leaves the pipeline as `Row.to_dict()`: plain Python values (statuses and flags as
 plain strings), in the column order of `SCHEMA`.
@@ -47,6 +51,7 @@ SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("shard", pa.string()),
+        ("source_key", pa.string()),
         ("video_id", pa.string()),
         ("url", pa.string()),
         ("clip_start_s", pa.float64()),
@@ -56,6 +61,7 @@ SCHEMA = pa.schema(
         ("caption_zh", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("input_flags", pa.list_(pa.string())),
         ("caption_flags", pa.list_(pa.string())),
         ("frame_indices", pa.list_(pa.int32())),
         ("num_frames", pa.int32()),
@@ -101,6 +107,7 @@ class Row:
 
     key: str
     shard: str
+    source_key: str | None = None  # the tar's key, when `key` is its normalised form (pipeline.shards.usable_key)
     video_id: str | None = None
     url: str | None = None
     clip_start_s: float | None = None
@@ -110,6 +117,7 @@ class Row:
     caption_zh: str | None = None
     status: Status | str = Status.OK
     error: str | None = None
+    input_flags: list[str] = field(default_factory=list)  # pipeline.shards.InputFlag names, sorted
     caption_flags: list[Flag | str] = field(default_factory=list)
     frame_indices: list[int] | None = None
     num_frames: int | None = None
@@ -130,20 +138,23 @@ class Row:
     def for_sample(cls, sample: Sample, clip: Any, ctx: Any, *, status: Status | str,
                    error: str | None = None) -> Row:
         """The sample's facts and, when `clip` is a decoded clip, the clip's; captions left empty. `ctx` gives
-        `model_name`, `lora_alpha` and `prompt_version` (a `Captioner`)."""
+        `model_name`, `lora_alpha` and `prompt_version` (a `Captioner`). `error` is the failure's reason; without
+        one, the sample's input notes (a captioned row still says what was wrong with its input)."""
         from pipeline.frames import DecodedClip  # here: frames imports this module
 
         decoded = clip if isinstance(clip, DecodedClip) else None
         return cls(
             key=sample.key,
             shard=sample.shard,
+            source_key=sample.source_key,
             video_id=sample.video_id,
             url=sample.url,
             clip_start_s=sample.clip_start_s,
             clip_end_s=sample.clip_end_s,
             source_caption=sample.source_caption,
             status=status,
-            error=error,
+            error=error if error is not None else sample.input_note,
+            input_flags=sorted(sample.input_flags),
             frame_indices=list(decoded.frame_indices) if decoded else None,
             num_frames=decoded.num_frames if decoded else None,
             fps=decoded.fps if decoded else None,

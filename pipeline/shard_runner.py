@@ -164,6 +164,7 @@ class _ShardRun:
     def finish(self, file_metadata: dict[bytes, bytes]) -> None:
         out, reader = self.out, self.reader
         out.stats.model_s = self.service.stats.model_s - self.model_s_at_start  # engine busy time (shared)
+        out.stats.members_skipped = dict(reader.skipped)  # the whole tar's, for the record and status
         if reader.members_skipped:
             log.warning("shard %s: %d tar members skipped (%s)", self.shard, reader.members_skipped,
                         ", ".join(f"{k}: {v}" for k, v in sorted(reader.skipped.items())))
@@ -174,8 +175,9 @@ class _ShardRun:
         counts = self.store.finalize_shard(self.shard, file_metadata, replace=bool(self.redo))
         out.counts = dict(counts)
         out.seconds = time.perf_counter() - self.t_start
-        mark_done(self.store, self.shard, counts, out.truncated, out.seconds,
-                  file_stats(self.store, self.shard) if self.redo else self.resume.stats + out.stats)
+        stats = file_stats(self.store, self.shard) if self.redo else self.resume.stats + out.stats
+        stats.members_skipped = dict(reader.skipped)
+        mark_done(self.store, self.shard, counts, out.truncated, out.seconds, stats)
 
     # ---- helpers
 

@@ -5,7 +5,9 @@ The format accepted is the one of docs/CONTRACTS.md, Shard format.
 Shard contents are untrusted: only ``.mp4``, ``.json`` and ``.txt`` members are read, nothing is unpickled
 or ``eval``-ed, and member names are never used as paths. Errors in a sample are data
 (``Sample.source_error``, ``Sample.meta_error``, ``Sample.read_error``); only an unreadable shard raises
-(``ShardReadError``).
+(``ShardReadError``). Every key of the tar becomes one sample: a key that cannot be a row's key as it is
+(too long, unprintable characters, bytes that are not UTF-8) is normalised (``usable_key``), the tar's
+key kept in ``Sample.source_key``; what was wrong with a sample's input is in ``Sample.input_flags``.
 
 Remote shards (http(s)://, s3://) are streamed, and a stream that breaks (connection reset, a body shorter
 than announced, a 5xx) is reopened at the byte already read (``_ResumableStream``), so a dropped connection
@@ -35,7 +37,8 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 if TYPE_CHECKING:
@@ -52,9 +55,11 @@ MAX_MEMBER_BYTES = {"mp4": 2 << 30, "json": 8 << 20, "txt": 1 << 20}
 # Longer text fields (caption, error_message, url) are cut here, with a note in Sample.meta_error: a row
 # is held in memory until its chunk is committed.
 MAX_TEXT_CHARS = 1 << 16
-# Keys longer than this, or with unprintable characters (NUL, control characters, bytes that are not
-# UTF-8), are not keys: their members are skipped and counted. Panda keys have 13 characters.
+# Keys longer than this, or with unprintable characters (NUL, control or zero-width characters, bytes that
+# are not UTF-8), are normalised (see usable_key). Panda keys have 13 characters.
 MAX_KEY_CHARS = 256
+# A normalised key keeps this many characters of the tar's key, for a reader to recognise it.
+NORMALISED_KEY_PREFIX_CHARS = 64
 MAX_EXTENDED_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers; a bigger one is skipped
 # Output files are named after the shard ("data/{shard}.parquet", ".{shard}.parquet.tmp-…").
 MAX_SHARD_NAME_CHARS = 200
@@ -491,11 +496,91 @@ class Sample:
     # The shard ended while this key was being read: a complete copy may hold more of its members. The job
     # does not commit such a sample; the next attempt reads it again.
     cut_by_end: bool = False
+    # The tar's key (``source_key_text``) when ``key`` is its normalised form, else None.
+    source_key: str | None = None
+    # What is wrong with the input, as names (``InputFlag``) and as readable notes (the row's ``error`` when
+    # it has no failure of its own); the sample is processed all the same.
+    input_flags: list[str] = field(default_factory=list)
+    input_notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_note(self) -> str | None:
+        return "; ".join(self.input_notes) or None
+
+    def flag_input(self, flag: InputFlag, note: str) -> None:
+        if flag.value not in self.input_flags:
+            self.input_flags.append(flag.value)
+            self.input_notes.append(note)
 
     @property
     def source_failed(self) -> bool:
         """The source video failed in video2dataset (``failed_to_download`` / ``failed_to_subsample``)."""
         return self.source_status.startswith("failed")
+
+
+class InputFlag(StrEnum):
+    """A name in a row's ``input_flags``: a problem of the sample's tar members that did not stop it."""
+
+    KEY_NORMALISED = "key_normalised"  # the tar's key could not be a row's key; see usable_key
+    JSON_MISSING = "json_missing"  # no .json member (or one over the size cap): the json's fields are null
+    JSON_INVALID = "json_invalid"  # the .json is not JSON, or not a JSON object: the json's fields are null
+    JSON_NOT_UTF8 = "json_not_utf8"  # the .json is not UTF-8: read with U+FFFD for the bytes that are not
+
+
+def _key_bytes(key: str) -> bytes:
+    """The tar name's bytes of a key (keys are decoded with surrogateescape, so this gives them back)."""
+    try:
+        return key.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate outside U+DC80..U+DCFF: not from a tar name, but not a crash
+        return key.encode("utf-8", "surrogatepass")
+
+
+def key_problem(key: str) -> str | None:
+    """Why the tar's ``key`` cannot be a row's key as it is ("is not valid UTF-8", "is 300 characters long,
+    over 256", "holds unprintable characters (U+200B)"), or None: a row's key is printable UTF-8 text of at
+    most MAX_KEY_CHARS characters, as it goes into Parquet, logs and the HTML contact sheet."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if len(key) > MAX_KEY_CHARS:
+        return f"is {len(key)} characters long, over {MAX_KEY_CHARS}"
+    odd = sorted({c for c in key if not c.isprintable()})
+    if odd:
+        shown = ", ".join(f"U+{ord(c):04X}" for c in odd[:4])
+        return f"holds unprintable characters ({shown}{', ...' if len(odd) > 4 else ''})"
+    return None
+
+
+def usable_key(key: str) -> tuple[str, str | None]:
+    """(the row's key, why the tar's key had to be normalised or None).
+
+    A normalised key is the tar key's first ``NORMALISED_KEY_PREFIX_CHARS`` characters with each unprintable
+    one (or byte that is not UTF-8) made ``_``, then ``~`` and 16 hex digits of a hash of the key's bytes: the
+    same tar key always gives the same row key (a resumed shard skips it). Two tar keys share a row key only
+    through a 64-bit hash collision or a valid key spelt like a normalised one; the reader then keeps the
+    first, as for any key that comes back.
+    """
+    problem = key_problem(key)
+    if problem is None:
+        return key, None
+    prefix = "".join(c if c.isprintable() else "_" for c in key[:NORMALISED_KEY_PREFIX_CHARS])
+    return f"{prefix}~{hashlib.blake2b(_key_bytes(key), digest_size=8).hexdigest()}", problem
+
+
+def source_key_text(key: str) -> str:
+    """A normalised key's ``source_key``: the tar key's bytes as text, a byte that is not UTF-8 written
+    ``\\xNN`` and a backslash doubled, so that ``source_key_bytes`` gives back the exact bytes."""
+    return _key_bytes(key).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+_SOURCE_KEY_ESCAPE = re.compile(rb"\\(\\|x[0-9a-f]{2})")
+
+
+def source_key_bytes(source_key: str) -> bytes:
+    """The tar key's bytes from a row's ``source_key`` (the inverse of ``source_key_text``)."""
+    return _SOURCE_KEY_ESCAPE.sub(lambda m: b"\\" if m.group(1) == b"\\" else bytes([int(m.group(1)[1:], 16)]),
+                                  source_key.encode("utf-8"))
 
 
 _YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]{11}$")
@@ -567,11 +652,14 @@ def parse_clip_span(clips: object) -> tuple[float, float]:
     return start, end
 
 
-def _decode_text(data: bytes, what: str, problems: list[str]) -> str:
+def _decode_text(data: bytes, what: str, problems: list[str], sample: Sample | None = None) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         problems.append(f"{what} is not UTF-8")
+        if sample is not None:
+            sample.flag_input(InputFlag.JSON_NOT_UTF8,
+                              f"{what} is not UTF-8 (read with U+FFFD for the bytes that are not)")
         return data.decode("utf-8", errors="replace")
 
 
@@ -583,22 +671,33 @@ def _capped(text: str, what: str, problems: list[str]) -> str:
 
 
 def build_sample(key: str, shard: str, members: dict[str, bytes], read_error: str | None = None) -> Sample:
-    """A ``Sample`` from a key's members (``{"json": ..., "mp4": ..., "txt": ...}``); never raises."""
-    sample = Sample(key=key, shard=shard, mp4=members.get("mp4"), read_error=read_error)
+    """A ``Sample`` from a key's members (``{"json": ..., "mp4": ..., "txt": ...}``); never raises.
+
+    ``key`` is the tar's key; the sample's is ``usable_key(key)``. Input problems (a normalised key, a
+    missing, invalid or non-UTF-8 .json) are flagged in ``input_flags`` with a note each."""
+    row_key, key_problem_ = usable_key(key)
+    sample = Sample(key=row_key, shard=shard, mp4=members.get("mp4"), read_error=read_error)
+    if key_problem_ is not None:
+        sample.source_key = source_key_text(key)
+        sample.flag_input(InputFlag.KEY_NORMALISED, f"key normalised: the tar's key {key_problem_} "
+                                                    f"(source_key holds it)")
     problems: list[str] = []
     txt = _decode_text(members["txt"], ".txt", problems) if "txt" in members else None
     meta: object = None
     if "json" not in members:
         sample.source_error = "no .json member for this key"
+        sample.flag_input(InputFlag.JSON_MISSING, sample.source_error)
     else:
         try:
-            meta = json.loads(_decode_text(members["json"], ".json", problems))
+            meta = json.loads(_decode_text(members["json"], ".json", problems, sample))
         except (ValueError, RecursionError) as err:
             sample.source_error = f"invalid .json member: {str(err)[:200]}"
         else:
             if not isinstance(meta, dict):
                 sample.source_error = f".json member is a {type(meta).__name__}, not an object"
                 meta = None
+        if meta is None:
+            sample.flag_input(InputFlag.JSON_INVALID, sample.source_error or "invalid .json member")
     if isinstance(meta, dict):
         status = meta.get("status")
         if isinstance(status, str) and status:
@@ -659,6 +758,7 @@ class _Member:
     size: int
     data: bytes | None  # None when skipped
     complete: bool = True
+    regular: bool = True  # False: a directory, link, device or fifo, never part of a sample
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:
@@ -693,7 +793,7 @@ def _pax_path(data: bytes) -> str | None:
         record = data[pos + len(match.group(0)):pos + int(match.group(1))]
         pos += int(match.group(1))
         if record.startswith(b"path="):
-            return record[5:].removesuffix(b"\n").decode("utf-8", errors="replace")  # one newline ends a record
+            return record[5:].removesuffix(b"\n").decode("utf-8", errors="surrogateescape")  # one newline ends a record
     return None
 
 
@@ -731,12 +831,15 @@ def _iter_tar_members(stream: BinaryIO, wanted: tuple[str, ...]) -> Iterator[_Me
             if len(data) < padded:
                 raise _TarEnd(f"shard ends inside an extended header at byte {offset}", truncated=True)
             offset += padded
-            long_name = (data[: info.size].split(b"\0", 1)[0].decode("utf-8", errors="replace")
+            # surrogateescape, as for ustar names: bytes that are not UTF-8 stay visible (and the key is
+            # normalised), instead of two names becoming one key through U+FFFD
+            long_name = (data[: info.size].split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
                          if info.type == tarfile.GNUTYPE_LONGNAME else _pax_path(data[: info.size]))
             continue
         if info.type not in tarfile.REGULAR_TYPES:
             got = _skip(stream, padded)
             offset += got
+            yield _Member(name, info.size, None, got == padded, regular=False)
             if got < padded:
                 raise _TarEnd(f"shard ends inside member {name[:100]!r}", truncated=True)
             continue
@@ -767,15 +870,13 @@ def _split_member_name(name: str) -> tuple[str, str]:
 def member_skip_reason(key: str, ext: str) -> str | None:
     """Why a member named ``{key}.{ext}`` is not part of any sample, or None when it is.
 
-    Keys are only ever data (a row's ``key``), never paths; they must still be printable text of a sane
-    length, as they go into Parquet and logs.
+    Keys are only ever data (a row's ``key``), never paths. Any non-empty key is a sample's: one that cannot
+    be a row's key as it is is normalised (``usable_key``), not skipped.
     """
     if ext not in READ_EXTENSIONS:
         return "not .mp4/.json/.txt"
     if not key or key.endswith("/"):
         return "no key"
-    if len(key) > MAX_KEY_CHARS or not key.isprintable():
-        return "invalid key"
     return None
 
 
@@ -795,8 +896,9 @@ class ShardReader:
     whole tar was read to its end-of-archive block and gave at least one sample; otherwise it says why in
     one line. A shard that is ``incomplete`` must not be marked done: what was read stays valid.
 
-    Each key is yielded once. Members that belong to no sample (see ``member_skip_reason``) are skipped and
-    counted in ``skipped`` by reason. A key that comes back after other keys (not contiguous) is a
+    Each key is yielded once, under its ``usable_key``. Members that belong to no sample (see
+    ``member_skip_reason``; directories, links and other entries that are not regular files) are skipped
+    and counted in ``skipped`` by reason. A key that comes back after other keys (not contiguous) is a
     duplicate: the first run of members wins, as it was already yielded; later ones are skipped. Within one
     run, a repeated member (two ``.json``) keeps the last one, noted in ``read_error``.
     """
@@ -863,7 +965,7 @@ class ShardReader:
         try:
             for member in _iter_tar_members(stream, READ_EXTENSIONS):
                 member_key, ext = _split_member_name(member.name)
-                reason = member_skip_reason(member_key, ext)
+                reason = member_skip_reason(member_key, ext) if member.regular else "not a regular file"
                 if reason is not None:
                     self.skipped[reason] += 1
                     continue
@@ -872,12 +974,13 @@ class ShardReader:
                         self.samples_read += 1
                         yield build_sample(key, self.shard, members, "; ".join(problems) or None)
                     key, members, problems = member_key, {}, []
-                    digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+                    row_key = usable_key(key)[0]  # unique per tar key: a key normalised the same is one key
+                    digest = hashlib.blake2b(row_key.encode(), digest_size=16).digest()
                     duplicate = digest in seen
                     seen.add(digest)
                     if duplicate:
                         log.warning("shard %s: key %r appears again after other keys; the first one is kept",
-                                    self.shard, key[:100])
+                                    self.shard, row_key[:100])
                 if duplicate:
                     self.skipped["duplicate key"] += 1
                 elif not member.complete:

@@ -6,7 +6,8 @@ The same `Stats` feeds the three readers of these numbers:
   * the Ray metrics: `jobs/metrics.record_stats(now.since(before))` after each commit;
   * the shard's progress record: `record_fields()` of the earlier attempts' counters plus this attempt's, at
     every commit and at `done` (committed rows by status, quality flags, generated tokens, the capped
-    histogram of failure reasons), read back by `from_record` when a later attempt resumes the shard, so
+    histogram of failure reasons, rows by input problem; at `done` also the tar members that belong to no
+    sample), read back by `from_record` when a later attempt resumes the shard, so
     nothing is counted twice or lost across attempts.
 
 Row-derived counters (`add_rows`) count committed rows; the others are what the code around them adds
@@ -30,6 +31,10 @@ COMMITTED = "committed"  # {"ok": 240, "flagged": 12, ...}: committed rows by st
 FLAGS = "flags"  # {"repetition": 4, ...}: quality flags of committed rows
 TOKENS = "tokens"  # {"en": 31000, "zh": 29000}: generated tokens of committed rows
 REPAIRED = "repaired"  # committed rows the repair pass captioned again (attempts > 1)
+INPUT_FLAGS = "input_flags"  # {"key_normalised": 2, "json_invalid": 1}: input problems of committed rows
+# {"not a regular file": 1, ...}: tar members that belong to no sample, by reason; the whole tar's, written
+# when the shard is done (each attempt reads the tar again, so this is never added across attempts)
+MEMBERS_SKIPPED = "members_skipped"
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Stats:
     rows: dict[str, int] = field(default_factory=dict)  # by status
     flags: dict[str, int] = field(default_factory=dict)
     error_reasons: dict[str, int] = field(default_factory=dict)  # failure kinds, capped; see rows.merge_reasons
+    input_flags: dict[str, int] = field(default_factory=dict)  # rows by input problem (pipeline.shards.InputFlag)
     tokens_en: int = 0
     tokens_zh: int = 0
     rows_repaired: int = 0  # rows whose caption took more than one attempt
@@ -46,6 +52,7 @@ class Stats:
     batches: int = 0  # static-path caption batches
     chunks: int = 0  # chunk files committed
     keys_skipped: int = 0  # keys already committed by an earlier attempt (or repeated in the tar)
+    members_skipped: dict[str, int] = field(default_factory=dict)  # the tar's non-sample members, by reason
     fallbacks: int = 0  # clips captioned by the static path after an engine failure
     engine_restarts: int = 0
     repairs: int = 0  # repair attempts generated (pipeline/repair.py)
@@ -66,17 +73,19 @@ class Stats:
         """Count committed rows: status, flags, tokens and the failure reason of each."""
         status: Counter = Counter(self.rows)
         flags: Counter = Counter(self.flags)
+        inputs: Counter = Counter(self.input_flags)
         kinds = []
         for row in rows:
             status[row["status"]] += 1
             flags.update(row.get("caption_flags") or ())
+            inputs.update(row.get("input_flags") or ())
             self.tokens_en += row.get("tokens_en") or 0
             self.tokens_zh += row.get("tokens_zh") or 0
             self.rows_repaired += (row.get("attempts") or 0) > 1
             failure = row_failure(row)
             if failure is not None:
                 kinds.append(failure.kind)
-        self.rows, self.flags = dict(status), dict(flags)
+        self.rows, self.flags, self.input_flags = dict(status), dict(flags), dict(inputs)
         self.error_reasons = merge_reasons(self.error_reasons, kinds)
 
     def since(self, earlier: Stats) -> Stats:
@@ -105,7 +114,8 @@ class Stats:
 
     def snapshot(self) -> Stats:
         return dataclasses.replace(self, rows=dict(self.rows), flags=dict(self.flags),
-                                   error_reasons=dict(self.error_reasons))
+                                   error_reasons=dict(self.error_reasons), input_flags=dict(self.input_flags),
+                                   members_skipped=dict(self.members_skipped))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,18 +135,21 @@ class Stats:
             TOKENS: {"en": self.tokens_en, "zh": self.tokens_zh},
             ERROR_REASONS: merge_reasons(None, self.error_reasons),
             REPAIRED: self.rows_repaired,
+            INPUT_FLAGS: dict(self.input_flags),
+            MEMBERS_SKIPPED: dict(self.members_skipped),
         }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any] | None) -> Stats:
         """The committed rows' counters kept in a progress record (written by `record_fields`); fields that
-        are missing or malformed (an older record, a hand edit) start from zero."""
+        are missing or malformed (an older record, a hand edit) start from zero. `members_skipped` is not
+        read back: an attempt counts the whole tar again."""
         record = record or {}
         tokens = record.get(TOKENS) if isinstance(record.get(TOKENS), dict) else {}
         return cls(rows=_counts(record.get(COMMITTED)), flags=_counts(record.get(FLAGS)),
                    error_reasons=merge_reasons(_counts(record.get(ERROR_REASONS)), {}),
                    tokens_en=_int(tokens.get("en")), tokens_zh=_int(tokens.get("zh")),
-                   rows_repaired=_int(record.get(REPAIRED)))
+                   rows_repaired=_int(record.get(REPAIRED)), input_flags=_counts(record.get(INPUT_FLAGS)))
 
 
 def _counts(value: Any) -> dict[str, int]:

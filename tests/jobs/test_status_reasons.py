@@ -51,3 +51,28 @@ def test_status_json_carries_the_reasons(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["top_error_reasons"][0] == ["source: HTTP Error 403", 5]
     assert report["shards"]["b"]["error_reasons"]["other"] == 2
+
+
+def test_status_reports_input_problems_and_skipped_members_from_records_alone(tmp_path, monkeypatch):
+    """Issue 22: rows whose input had a problem (a normalised key, an unusable .json) and the tar members that are
+    no sample's (stray files, directories), per shard and for the job, from the progress records alone."""
+    store = _records(tmp_path)
+    write_state(store, "a", input_flags={"key_normalised": 2, "json_invalid": 1})  # committed rows so far
+    write_state(store, "b", input_flags={"json_not_utf8": 1},
+                members_skipped={"not a regular file": 1, "not .mp4/.json/.txt": 3})
+
+    def no_parquet(*a, **k):
+        raise AssertionError("status read Parquet for the input counts")
+
+    monkeypatch.setattr("jobs.status.pq.read_table", no_parquet)
+    report = collect_status(store, ["a", "b", "c"])
+    assert report["input_flags"] == {"key_normalised": 2, "json_invalid": 1, "json_not_utf8": 1}
+    assert report["members_skipped"] == {"not a regular file": 1, "not .mp4/.json/.txt": 3}
+    assert report["shards"]["a"]["input_flags"] == {"key_normalised": 2, "json_invalid": 1}
+    assert "members_skipped" not in report["shards"]["a"] and "input_flags" not in report["shards"]["c"]
+    lines = format_report(report).splitlines()
+    assert ("input:  rows with input problems: json_invalid=1 json_not_utf8=1 key_normalised=2; "
+            "tar members skipped: 4 (not .mp4/.json/.txt: 3, not a regular file: 1)") in lines
+    b = next(i for i, line in enumerate(lines) if line.split()[:1] == ["b"])
+    assert lines[b + 2].strip() == ("input: rows with input problems: json_not_utf8=1; "
+                                    "tar members skipped: 4 (not .mp4/.json/.txt: 3, not a regular file: 1)")

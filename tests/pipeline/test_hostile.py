@@ -4,8 +4,11 @@ nothing is written outside OUT, nothing hangs.
 Decisions these tests pin down:
 - A key that comes back after other keys is a duplicate: the first run of its members wins (it was already
   yielded when the second one shows up); later members are skipped and counted as "duplicate key".
-- A member whose name gives no usable key (``.mp4``, ``dir/.json``, ``README``, NUL, control characters,
-  bytes that are not UTF-8, more than MAX_KEY_CHARS) belongs to no sample: skipped and counted by reason.
+- A member whose name gives no key (``.mp4``, ``dir/.json``, ``README``) or that is not a regular file (a
+  directory, a link) belongs to no sample: skipped and counted by reason.
+- A key that cannot be a row's key as it is (NUL, control or zero-width characters, bytes that are not
+  UTF-8, more than MAX_KEY_CHARS) is still a sample: its key is normalised (``usable_key``: a readable prefix
+  and a hash), the tar's key kept in ``source_key``, and the sample is captioned as any other.
   A key that looks like a path (``../x``, ``/abs/x``) is kept as it is: keys are row data, never paths.
 - An 8K clip decodes at reduced resolution (597x336, then the 336 crop); a clip over MAX_DURATION_S or
   MAX_FRAMES is a decode_error with the cap in the reason, found from the packet index, before decoding.
@@ -45,6 +48,8 @@ from pipeline.shards import (
     build_sample,
     member_skip_reason,
     shard_name,
+    source_key_bytes,
+    usable_key,
 )
 from pipeline.synthetic import encode_clip
 from pipeline.writing import OutputStore
@@ -218,7 +223,7 @@ def test_members_without_a_key_are_skipped_and_counted(tmp_path: Path, clips: di
     assert reader.skipped == {"no key": 2, "not .mp4/.json/.txt": 3} and reader.members_skipped == 5
 
 
-def test_hostile_member_names_are_keys_or_skipped_never_paths(tmp_path: Path) -> None:
+def test_hostile_member_names_are_keys_normalised_keys_or_skipped_never_paths(tmp_path: Path) -> None:
     long_key = "k" * (MAX_KEY_CHARS + 1)
     url = shard(tmp_path, [
         tar_member("../../escape.json", meta("x")),
@@ -232,8 +237,21 @@ def test_hostile_member_names_are_keys_or_skipped_never_paths(tmp_path: Path) ->
         tar_member(f"{'k' * MAX_KEY_CHARS}.json", meta("x")),
     ])
     reader, samples = read(url)
-    assert [s.key for s in samples] == ["../../escape", "/tmp/absolute", "k" * MAX_KEY_CHARS]
-    assert reader.skipped == {"not .mp4/.json/.txt": 2, "invalid key": 4} and not reader.truncated
+    normalised = {"0000002\0_00000": b"0000002\0_00000", "\udcff\udcfe": b"\xff\xfe", "bell\a": b"bell\a",
+                  long_key: long_key.encode()}
+    assert [s.key for s in samples] == ["../../escape", "/tmp/absolute", *(usable_key(k)[0] for k in normalised),
+                                        "k" * MAX_KEY_CHARS]
+    by_key = {s.key: s for s in samples}
+    for key, raw in normalised.items():
+        sample = by_key[usable_key(key)[0]]
+        assert sample.key.isprintable() and len(sample.key) <= MAX_KEY_CHARS
+        assert source_key_bytes(sample.source_key) == raw and sample.input_flags == ["key_normalised"]
+    assert by_key[usable_key("bell\a")[0]].source_key == "bell\a"
+    assert by_key[usable_key("\udcff\udcfe")[0]].source_key == "\\xff\\xfe"
+    assert "is not valid UTF-8" in by_key[usable_key("\udcff\udcfe")[0]].input_note
+    assert f"is {MAX_KEY_CHARS + 1} characters long" in by_key[usable_key(long_key)[0]].input_note
+    assert all(s.source_key is None and s.input_flags == [] for s in samples if s.key in ("../../escape", "k" * 256))
+    assert reader.skipped == {"not .mp4/.json/.txt": 2} and not reader.truncated
     assert not (tmp_path.parent / "escape.json").exists() and not (tmp_path.parent.parent / "escape.json").exists()
 
 
@@ -416,9 +434,9 @@ def _expected_samples(members: list[tuple[str, bytes]]) -> list[tuple[str, dict[
         runs[-1][1][ext] = data
     kept = []
     for key, found in runs:
-        if key not in seen:
+        if usable_key(key)[0] not in seen:
             kept.append((key, found))
-        seen.add(key)
+        seen.add(usable_key(key)[0])
     return kept
 
 
@@ -440,9 +458,11 @@ def test_random_tars_never_break_the_reader(tmp_path: Path, tar: tuple[bytes, li
     if not mangled:
         assert not reader.truncated
         expected = _expected_samples(members)
-        assert keys == [key for key, _ in expected]
-        for sample, (_, found) in zip(samples, expected):
+        assert keys == [usable_key(key)[0] for key, _ in expected]  # every key a sample, none dropped
+        for sample, (key, found) in zip(samples, expected):
             assert sample.mp4 == found.get("mp4")
+            if sample.key != key:  # normalised: the tar's key, byte for byte, is in source_key
+                assert source_key_bytes(sample.source_key) == key.encode("utf-8", "surrogateescape")
 
 
 json_values = st.recursive(
@@ -561,3 +581,109 @@ def test_a_hostile_shard_end_to_end(tmp_path: Path, clips: dict[str, bytes], mon
         assert got[key][0] == status or (status == "ok" and got[key][0] == "flagged"), (key, got[key])
         assert reason is None or (got[key][1] or "").startswith(reason), (key, got[key])
     assert outcome.stats.keys_skipped == 0 and outcome.truncated is None
+
+
+def gnu_tar(path: Path, members: list[tuple[str, bytes | None]]) -> str:
+    """A tar written by the tarfile module (GNU format: long names, raw bytes kept): ``(name, data)``, data
+    None for a directory. A name's surrogate escapes (``\\udcff``) are written as the bytes they stand for."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_every_tar_key_gets_one_row_and_status_counts_input_problems(
+        tmp_path: Path, clips: dict[str, bytes]) -> None:
+    """Issue 22: keys the writer cannot use as they are (300 characters, a zero-width space, bytes that are not
+    UTF-8) and unusable .json members (an array, Latin-1) each get a row that says so; the tar's stray members
+    are counted; a rerun after a killed attempt skips the normalised keys it had committed; `recaption status`
+    reports both counts per shard, from the progress record."""
+    from collections import Counter
+
+    from jobs.status import collect_status, format_report
+    from model.tiny import build_tiny_checkpoint
+    from pipeline.captioning import Captioner
+    from pipeline.manifest import manifest_from_dict
+    from pipeline.progress import touch_running, write_shard_list
+    from pipeline.rows import Failure, failure_row
+    from pipeline.shard_runner import ShardSettings, run_shard
+    from pipeline.stats import Stats
+
+    long_key, zero_width, latin1 = "k" * 300, "0000003\u200b_00000", "\udcff0000004_00000"
+    url = gnu_tar(tmp_path / "00000.tar", [
+        ("subdir", None),  # a directory entry: no sample, counted
+        ("0000001_00000.json", meta("0000001_00000")), ("0000001_00000.mp4", clips["good"]),
+        (f"{long_key}.json", meta(long_key)), (f"{long_key}.mp4", clips["good"]),
+        (f"{zero_width}.json", meta(zero_width)), (f"{zero_width}.mp4", clips["good"]),
+        (f"{latin1}.json", meta("x")),  # not UTF-8, no mp4: a decode_error row, still a row
+        ("0000005_00000.json", b"[1, 2]"), ("0000005_00000.mp4", clips["good"]),
+        ("0000006_00000.json", json.dumps({**GOOD_JSON, "caption": "Un caf\u00e9."}, ensure_ascii=False).encode("latin-1")),
+        ("0000006_00000.mp4", clips["good"]),
+        ("README.md", b"stray"),  # not a sample member, counted
+    ])
+    normalised = {raw: usable_key(raw)[0] for raw in (long_key, zero_width, latin1)}
+    ckpt = build_tiny_checkpoint(tmp_path / "pllava", seed=0)
+    out = tmp_path / "out"
+    m = manifest_from_dict({
+        "shards": url, "output": str(out), "languages": ["en"],
+        "model": {"path": str(ckpt), "dtype": "float32", "device": "cpu"},
+        "generation": {"max_new_tokens": 3, "batch_size": 4}, "chunk_size": 2,
+    })
+    store, captioner = OutputStore(str(out)), Captioner.from_manifest(m)
+
+    # A killed first attempt had committed the rows of two normalised keys (and its record said so).
+    samples = {s.key: s for s in ShardReader(url)}
+    early = [failure_row(samples[normalised[k]], Failure("caption", "planted: an earlier attempt's row"),
+                         ctx=captioner).to_dict() for k in (long_key, zero_width)]
+    store.commit_chunk("00000", early, attempt=1)
+    committed = Stats()
+    committed.add_rows(early)
+    touch_running(store, "00000", committed)
+
+    with DecodePool(workers=1, max_ahead=4, mode="thread") as pool:
+        outcome = run_shard(url, "00000", store=store, captioner=captioner, decode_pool=pool, attempt=2,
+                            file_metadata={}, settings=ShardSettings.from_manifest(m))
+    assert outcome.stats.keys_skipped == 2  # the rerun matched the committed normalised keys
+    rows = {r["key"]: r for r in pq.read_table(out / "data" / "00000.parquet").to_pylist()}
+    assert sorted(rows) == sorted(["0000001_00000", *normalised.values(), "0000005_00000", "0000006_00000"])
+
+    assert rows["0000001_00000"]["source_key"] is None and rows["0000001_00000"]["input_flags"] == []
+    assert rows["0000001_00000"]["error"] is None
+    for raw, key in normalised.items():
+        row = rows[key]
+        assert row["input_flags"] == ["key_normalised"]
+        assert source_key_bytes(row["source_key"]) == raw.encode("utf-8", "surrogateescape")
+        assert key.isprintable() and len(key) <= MAX_KEY_CHARS
+    for raw in (long_key, zero_width):  # committed by the first attempt: kept, not captioned again
+        assert rows[normalised[raw]]["status"] == "error" and rows[normalised[raw]]["error"].startswith("planted")
+    assert rows[normalised[zero_width]]["source_key"] == zero_width
+    bad_utf8 = rows[normalised[latin1]]
+    assert bad_utf8["source_key"] == "\\xff0000004_00000"
+    assert (bad_utf8["status"], bad_utf8["error"]) == ("decode_error", "mp4 member missing from the shard")
+
+    array = rows["0000005_00000"]  # captioned: the mp4 is good, the json's fields are null, and the row says why
+    assert array["status"] in ("ok", "flagged") and array["caption_en"] is not None and array["url"] is None
+    assert array["input_flags"] == ["json_invalid"] and array["error"] == ".json member is a list, not an object"
+    latin = rows["0000006_00000"]
+    assert latin["status"] in ("ok", "flagged") and latin["source_caption"] == "Un caf\ufffd."
+    assert latin["input_flags"] == ["json_not_utf8"] and latin["error"].startswith(".json is not UTF-8")
+
+    # The progress record counts them (whole data file, both attempts), and status reads them from it.
+    record = json.loads((out / "_progress" / "00000.json").read_text())
+    assert record["input_flags"] == dict(Counter(f for r in rows.values() for f in r["input_flags"])) == {
+        "key_normalised": 3, "json_invalid": 1, "json_not_utf8": 1}
+    assert record["members_skipped"] == {"not a regular file": 1, "not .mp4/.json/.txt": 1}
+    write_shard_list(store, [("00000", url)])  # as the driver does
+    report = collect_status(store)
+    shard_info = report["shards"]["00000"]
+    assert shard_info["input_flags"] == record["input_flags"] and report["input_flags"] == record["input_flags"]
+    assert shard_info["members_skipped"] == report["members_skipped"] == record["members_skipped"]
+    text = format_report(report)
+    assert ("input: rows with input problems: json_invalid=1 json_not_utf8=1 key_normalised=3; "
+            "tar members skipped: 2 (not .mp4/.json/.txt: 1, not a regular file: 1)") in text

@@ -91,9 +91,13 @@ def test_failure_rows_are_the_rows_written_before_the_contract():
     pipeline/rows.py."""
     s = _sample(source_status="failed_to_download", source_error="timeout")
     expected = {
-        "key": s.key, "shard": s.shard, "video_id": s.video_id, "url": s.url, "clip_start_s": 1.5, "clip_end_s": 4.0,
+        "key": s.key, "shard": s.shard,
+        "source_key": None,  # added since (issue 22): null for a key used as it is
+        "video_id": s.video_id, "url": s.url, "clip_start_s": 1.5, "clip_end_s": 4.0,
         "source_caption": "a cat", "caption_en": None, "caption_zh": None, "status": "source_failed",
-        "error": "timeout", "caption_flags": [], "frame_indices": None, "num_frames": None, "fps": None,
+        "error": "timeout",
+        "input_flags": [],  # added since (issue 22): empty for a sample without input problems
+        "caption_flags": [], "frame_indices": None, "num_frames": None, "fps": None,
         "duration_s": None, "width": None, "height": None, "tokens_en": None, "tokens_zh": None,
         "model": "pllava-tiny@abc", "lora_alpha": 4.0, "prompt_version": "vicuna-v1/recaption-v1",
         # columns added since (issue 15): null for a failure

@@ -70,6 +70,29 @@ def test_a_chunk_with_the_old_flags_column_is_merged_as_caption_flags(tmp_path):
     assert table.column("caption_en").to_pylist() == ["a cat"] * 3  # the other columns come through too
 
 
+def test_chunks_and_data_files_from_before_source_key_and_input_flags_still_read(tmp_path):
+    """Resuming an output begun before issue 22's columns: old chunks merge (the new columns null), an old data
+    file's counters are still read (status, settle_record)."""
+    from pipeline.progress import file_stats
+
+    store = OutputStore(str(tmp_path))
+    old = rows_to_table([row("a"), row("b", "decode_error")]).drop_columns(["source_key", "input_flags"])
+    (tmp_path / "_progress/s").mkdir(parents=True)
+    pq.write_table(old, tmp_path / "_progress/s/chunk-001-old.parquet")
+    store.commit_chunk("s", [{**row("c"), "source_key": "c\u200b", "input_flags": ["key_normalised"]}], attempt=2)
+    assert store.committed_keys("s") == {"a", "b", "c"}
+    assert store.finalize_shard("s", {}) == {"ok": 2, "decode_error": 1}
+    table = pq.read_table(tmp_path / "data/s.parquet")
+    assert table.schema.remove_metadata().equals(SCHEMA)
+    got = {r["key"]: (r["source_key"], r["input_flags"]) for r in table.to_pylist()}
+    assert got == {"a": (None, None), "b": (None, None), "c": ("c\u200b", ["key_normalised"])}
+    assert file_stats(store, "s").input_flags == {"key_normalised": 1}
+
+    pq.write_table(old, tmp_path / "data/old.parquet")  # a data file written before the columns
+    stats = file_stats(store, "old")
+    assert stats.rows == {"ok": 1, "decode_error": 1} and stats.input_flags == {}
+
+
 def test_fingerprint_mismatch_is_refused_with_what_differs(tmp_path):
     store = OutputStore(str(tmp_path))
     m = manifest_from_dict({"shards": "x.tar", "output": str(tmp_path), "model": {"path": "m"}})

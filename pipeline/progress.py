@@ -24,7 +24,7 @@ from pipeline.manifest import Manifest, fingerprint
 from pipeline.model_identity import ModelIdentity, ModelPathError  # noqa: F401  (ModelPathError: re-exported)
 from pipeline.model_identity import model_identity as _content_identity
 from pipeline.output_view import OutputView, record_state
-from pipeline.stats import ERROR_REASONS, Stats  # noqa: F401  (ERROR_REASONS: re-exported)
+from pipeline.stats import ERROR_REASONS, MEMBERS_SKIPPED, Stats, counts  # noqa: F401  (ERROR_REASONS: re-exported)
 from pipeline.writing import OutputStore
 
 SHARD_STATES = ("done", "running", "failed", "pending")  # + "interrupted" in status: running, driver gone
@@ -226,6 +226,7 @@ def settle_record(store: OutputStore, shard: str, record: dict[str, Any] | None 
     if state.get("state") == "done":
         return False
     stats = file_stats(store, shard)
+    stats.members_skipped = counts(state.get(MEMBERS_SKIPPED))  # the tar's: only the record knows them
     mark_done(store, shard, dict(stats.rows), state.get("truncated"), float(state.get("seconds") or 0.0), stats)
     return True
 

@@ -146,13 +146,13 @@ class Stats:
         read back: an attempt counts the whole tar again."""
         record = record or {}
         tokens = record.get(TOKENS) if isinstance(record.get(TOKENS), dict) else {}
-        return cls(rows=_counts(record.get(COMMITTED)), flags=_counts(record.get(FLAGS)),
-                   error_reasons=merge_reasons(_counts(record.get(ERROR_REASONS)), {}),
+        return cls(rows=counts(record.get(COMMITTED)), flags=counts(record.get(FLAGS)),
+                   error_reasons=merge_reasons(counts(record.get(ERROR_REASONS)), {}),
                    tokens_en=_int(tokens.get("en")), tokens_zh=_int(tokens.get("zh")),
-                   rows_repaired=_int(record.get(REPAIRED)), input_flags=_counts(record.get(INPUT_FLAGS)))
+                   rows_repaired=_int(record.get(REPAIRED)), input_flags=counts(record.get(INPUT_FLAGS)))
 
 
-def _counts(value: Any) -> dict[str, int]:
+def counts(value: Any) -> dict[str, int]:
     if not isinstance(value, dict):
         return {}
     return {str(k): v for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0}

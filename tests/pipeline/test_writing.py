@@ -248,3 +248,18 @@ def test_a_late_finalizer_does_not_rewrite_a_complete_file(tmp_path):
     assert store.chunk_paths("00000") == []
     with open(store.data_path("00000"), "rb") as f:
         assert pq.read_schema(f).metadata[b"writer"] == b"first"
+
+
+def test_settling_a_record_keeps_the_tars_skipped_members(tmp_path):
+    """A worker killed between the data file and its record: the rewritten record counts the data file's rows
+    and keeps what only the record knew (the tar members that belong to no sample)."""
+    from pipeline.progress import read_state, settle_record, write_state
+
+    store = OutputStore(str(tmp_path / "out"))
+    store.commit_chunk("00000", [row("a"), row("b", status="decode_error")], attempt=1)
+    store.finalize_shard("00000", {})
+    write_state(store, "00000", state="running", members_skipped={"not a regular file": 2})
+    assert settle_record(store, "00000")
+    state = read_state(store, "00000")
+    assert state["state"] == "done" and state["rows"] == {"ok": 1, "decode_error": 1}
+    assert state["members_skipped"] == {"not a regular file": 2}

@@ -329,7 +329,7 @@ def _dispatch(m: Manifest, model: Any, store: OutputStore, ident: Any, plan: Any
     log.info("this run: %s", format_snapshot(d.progress.snapshot()))
     if d.storage_fault is not None:
         snap = d.progress.snapshot()
-        print(storage_error_line(d.storage_fault, snap["shards_total"] - snap["shards_done"] - snap["shards_failed"]),
+        print(_storage_error_line(d.storage_fault, snap["shards_total"] - snap["shards_done"] - snap["shards_failed"]),
               file=sys.stderr, flush=True)
         return EXIT_STORAGE
     unfinished = len(d.queue) + len(d.interrupted)
@@ -576,9 +576,9 @@ def _finish(store: OutputStore, names: list[str], failed: list[str], report: dic
     return EXIT_OK
 
 
-def storage_error_line(e: OutputStorageError, unfinished: int | None = None) -> str:
+def _storage_error_line(e: OutputStorageError, unfinished: int | None = None) -> str:
     """The one line the driver ends with when the output's storage refused (exit 4)."""
-    left = f"; {unfinished} shard(s) unfinished, their committed rows kept" if unfinished else ""
+    left = f"; {unfinished} shards unfinished, their committed rows kept" if unfinished else ""
     return (f"error: output storage: {e}{left}; free space or fix access to the output, then rerun the same "
             f"command to resume")
 
@@ -608,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted ({e}) before any shard ran; nothing to resume", file=sys.stderr)
         return 128 + e.signum
     except OutputStorageError as e:  # the driver's own writes: _job.json, _shards.json, the lease, the card
-        print(storage_error_line(e), file=sys.stderr)
+        print(_storage_error_line(e), file=sys.stderr)
         return EXIT_STORAGE
     except (ManifestError, FingerprintMismatch, ShardReadError, SetupError, SetupFailure, LeaseHeld,
             OSError, ValueError) as e:

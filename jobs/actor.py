@@ -71,6 +71,7 @@ class ShardCaptioner:
         from jobs.metrics import record_shard_failure
         from pipeline.shard_runner import ShardInterrupted, run_shard
         from pipeline.stats import Stats
+        from pipeline.writing import OutputStorageError
 
         if self.init_error:
             raise RuntimeError(f"actor could not start: {self.init_error}")
@@ -89,7 +90,9 @@ class ShardCaptioner:
                                 on_commit=on_commit, should_stop=self._stop.is_set, service=self.service,
                                 settings=self.settings, redo=redo)
         except Exception as e:
-            if not isinstance(e, ShardInterrupted):
+            # a stop on request, or the output's storage refusing (the driver stops the job): no shard failure.
+            # Raised as they are, the driver tells them apart by type (RayTaskError.cause).
+            if not isinstance(e, (ShardInterrupted, OutputStorageError)):
                 record_shard_failure()
             raise
         finally:

@@ -47,12 +47,13 @@ from pipeline.rows import STATUSES
 from pipeline.settings import ActorSettings
 from pipeline.shards import ShardReadError, expand_shard_spec
 from pipeline.stats import Stats
-from pipeline.writing import META_CONFIG, META_FINGERPRINT, OutputStore
+from pipeline.writing import META_CONFIG, META_FINGERPRINT, OutputStorageError, OutputStore
 
 log = logging.getLogger("recaption")
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_USAGE = 0, 1, 2  # Ctrl-C: 130, SIGTERM: 143
 EXIT_NO_ACTORS = 3  # no actor could run for retry.no_actor_timeout_s (every node lost): rerun to resume
+EXIT_STORAGE = 4  # the output's storage refused (full, quota, read-only, no permission): fix it, rerun to resume
 POLL_S = 2.0  # how often the driver asks running actors for their progress
 STOP_GRACE_S = 30.0  # after Ctrl-C / SIGTERM, how long running shards get to commit before their actors are killed
 
@@ -315,16 +316,24 @@ def _dispatch(m: Manifest, model: Any, store: OutputStore, ident: Any, plan: Any
             if not d.running and (d.stopping_since is not None or not d.queue):
                 break
             ready, _ = ray.wait([*d.running, *d.starting], num_returns=1, timeout=POLL_S)
-            if not ready:
-                d.on_tick()
-            elif ready[0] in d.starting:
-                d.on_actor_ready(ready[0])
-            else:
-                d.on_shard_result(ready[0])
+            try:
+                if not ready:
+                    d.on_tick()
+                elif ready[0] in d.starting:
+                    d.on_actor_ready(ready[0])
+                else:
+                    d.on_shard_result(ready[0])
+            except OutputStorageError as e:  # the driver's own write (a failure record): stop as for a shard's
+                d.storage_fault = d.storage_fault or e
     finally:
         stop.graceful = False
         d.close()
     log.info("this run: %s", format_snapshot(d.progress.snapshot()))
+    if d.storage_fault is not None:
+        snap = d.progress.snapshot()
+        print(_storage_error_line(d.storage_fault, snap["shards_total"] - snap["shards_done"] - snap["shards_failed"]),
+              file=sys.stderr, flush=True)
+        return EXIT_STORAGE
     unfinished = len(d.queue) + len(d.interrupted)
     if d.stopping_since is not None and unfinished:
         print(f"interrupted: {unfinished} shards unfinished; rerun the same command to resume", file=sys.stderr,
@@ -381,6 +390,7 @@ class _Dispatcher:
         self.no_actor_since: float | None = None  # since when no actor has been loaded and alive
         self.ever_ready = False  # an actor has loaded the model: a later death while starting is a lost actor
         self.stranded = False  # stopped because no actor could run for retry.no_actor_timeout_s
+        self.storage_fault: OutputStorageError | None = None  # the output's storage refused: stop, exit 4
         self.actor_needs = f"num_gpus={num_gpus}, num_cpus={num_cpus}"
         for _ in range(n_actors):
             self.new_actor()
@@ -390,12 +400,17 @@ class _Dispatcher:
         self.starting[actor.ready.remote()] = actor
 
     def maybe_stop(self) -> None:
-        """Ctrl-C / SIGTERM, or another driver took the output: ask the running shards to commit and stop."""
-        if self.stopping_since is not None or not (self.stop.requested or self.lease.lost.is_set()):
+        """Ctrl-C / SIGTERM, another driver took the output, or the output's storage refused: ask the running
+        shards to commit and stop."""
+        self.storage_fault = self.storage_fault or self.lease.storage_fault
+        if self.stopping_since is not None or not (self.stop.requested or self.lease.lost.is_set()
+                                                   or self.storage_fault):
             return
         self.stopping_since = time.monotonic()
         if self.lease.lost.is_set() and not self.stop.requested:
             log.error("another driver took over %s (%s); stopping", self.m.output, self.lease.lost_to)
+        elif self.storage_fault is not None:
+            log.error("the output's storage refused: %s; stopping", self.storage_fault)
         for actor, _ in self.running.values():
             actor.stop.remote()
 
@@ -476,7 +491,11 @@ class _Dispatcher:
         except RayTaskError as e:
             self.idle.append(actor)
             cause = e.cause if getattr(e, "cause", None) else e
-            if type(cause).__name__ == "ShardInterrupted":
+            if isinstance(cause, OutputStorageError):  # not the shard's fault: no attempt charged, the job stops
+                self.interrupted.append(task.shard)
+                self.storage_fault = self.storage_fault or cause
+                self.progress.log("shard %s stopped: %s", task.shard, cause, level=logging.WARNING)
+            elif type(cause).__name__ == "ShardInterrupted":
                 self.interrupted.append(task.shard)
                 self.progress.log("shard %s stopped: %s", task.shard, _first_line(cause))
             elif _retry_or_fail(self.store, task, _first_line(cause), self.policy, self.queue, self.failed,
@@ -559,6 +578,13 @@ def _finish(store: OutputStore, names: list[str], failed: list[str], report: dic
     return EXIT_OK
 
 
+def _storage_error_line(e: OutputStorageError, unfinished: int | None = None) -> str:
+    """The one line the driver ends with when the output's storage refused (exit 4)."""
+    left = f"; {unfinished} shards unfinished, their committed rows kept" if unfinished else ""
+    return (f"error: output storage: {e}{left}; free space or fix access to the output, then rerun the same "
+            f"command to resume")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     lines = [line for line in text.splitlines() if line.strip()]
@@ -583,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"interrupted ({e}) before any shard ran; nothing to resume", file=sys.stderr)
         return 128 + e.signum
+    except OutputStorageError as e:  # the driver's own writes: _job.json, _shards.json, the lease, the card
+        print(_storage_error_line(e), file=sys.stderr)
+        return EXIT_STORAGE
     except (ManifestError, FingerprintMismatch, ShardReadError, SetupError, SetupFailure, LeaseHeld,
             OSError, ValueError) as e:
         # bad manifest or model path, different job in OUT, output held by another driver, missing device,

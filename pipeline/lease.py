@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any
 
-from pipeline.writing import OutputStore
+from pipeline.writing import OutputStorageError, OutputStore
 
 LEASE_FILE = "_lease.json"
 TTL_S = 120.0
@@ -88,6 +88,8 @@ class Lease:
         self.heartbeat_s = heartbeat_s
         self.lost = threading.Event()  # set when another driver's token is found in the lease
         self.lost_to: str | None = None
+        # the output's storage refused the heartbeat (full, read-only, no permission): the driver stops the job
+        self.storage_fault: OutputStorageError | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -114,6 +116,9 @@ class Lease:
                     if not self.heartbeat():
                         log.error("lost the lease on %s to %s", self.store.uri, self.lost_to)
                         return
+                except OutputStorageError as e:
+                    log.error("lease heartbeat on %s: %s", self.store.uri, e)
+                    self.storage_fault = self.storage_fault or e
                 except Exception as e:  # a flaky store: keep trying until the lease expires
                     log.warning("lease heartbeat on %s failed: %s", self.store.uri, e)
 

@@ -10,6 +10,7 @@
 | clip | a crashed or timed-out decoder is replaced; that clip becomes a `decode_error` row | `decode.timeout_s` |
 | clip | an engine failure re-captions its clips one by one; a failing clip becomes an `error` row | (always) |
 | storage | a local commit whose folder a concurrent finalizer removed is written again | `STORAGE_RETRIES` |
+| storage | a full, read-only or refusing output (`OutputStorageError`) is never retried: the job stops, exit 4 | (always) |
 """
 
 from __future__ import annotations

@@ -10,17 +10,26 @@ OUT may be a local directory or an object-store URI: s3:// (AWS or an S3-compati
 `shards.s3_filesystem`) or another scheme pyarrow.fs understands. On a local filesystem a commit is
 write-to-temp then rename; on an object store it is a single PUT, which is atomic by itself (no rename,
 no directories).
+
+Every operation on the output goes through `OutputStore`, which turns a fault of the storage itself (full, over
+quota, read-only, no permission, no bucket: `storage_fault`) into `OutputStorageError` naming the path. No retry
+of a shard fixes those, so they are not a shard's failure: the driver stops the job once (exit 4) and a rerun
+after the fix resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -39,6 +48,62 @@ OLD_FLAGS_COLUMN = "flags"  # its former name: chunks and data files written wit
 
 META_CONFIG = b"pllava_recaption.config"
 META_FINGERPRINT = b"pllava_recaption.fingerprint"
+
+# What the output's storage answers when it cannot take writes at all, whatever shard is writing: full, over
+# quota, read-only, no permission, file too large for the file system.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+# The same on S3 and S3-compatible stores (AWS, MinIO, Ceph): error codes and HTTP statuses (403 refused,
+# 507 insufficient storage). Throttling and 5xx answers are not here: they pass, and a retry may succeed.
+S3_STORAGE_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "NoSuchBucket", "InsufficientStorage", "QuotaExceeded",
+    "XMinioStorageFull", "XMinioAdminBucketQuotaExceeded",
+})
+S3_STORAGE_STATUSES = frozenset({403, 507})
+# pyarrow's S3 client raises OSError without an errno; the AWS error is in its message, e.g.
+# "AWS Error ACCESS_DENIED during PutObject operation: Access Denied (Request ID: …)"
+_PYARROW_S3_ERROR = re.compile(r"AWS Error (\w+)(?: \(HTTP status (\d+)\))? during (\w+) operation: ?(.*)", re.S)
+_PYARROW_S3_NAMES = frozenset({"ACCESS_DENIED", "NO_SUCH_BUCKET", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+                               "EXPIRED_TOKEN"})
+
+
+class OutputStorageError(RuntimeError):
+    """The output's storage refused an operation for a reason no retry of a shard fixes (`storage_fault`).
+
+    Not a shard's failure: a shard attempt that meets it stops with its committed chunks kept and is not
+    charged; the driver stops the job once with this one line and exit 4, and a rerun after the fix resumes."""
+
+    def __init__(self, action: str, path: str, cause: str):
+        super().__init__(action, path, cause)  # the args rebuild it when it is unpickled (Ray task errors)
+        self.action, self.path, self.cause = action, path, cause
+
+    def __str__(self) -> str:
+        return f"cannot {self.action} {self.path}: {self.cause}"
+
+
+def storage_fault(error: BaseException) -> str | None:
+    """Why `error` is the output's storage refusing (a short cause: "No space left on device (ENOSPC)",
+    "AccessDenied: Access Denied"), or None when it is some other error."""
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+        return f"{os.strerror(error.errno)} ({errno.errorcode[error.errno]})"
+    response = getattr(error, "response", None)  # botocore's ClientError (conditional creates, one-GET reads)
+    if isinstance(response, dict):
+        code = str((response.get("Error") or {}).get("Code") or "")
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if code in S3_STORAGE_CODES or status in S3_STORAGE_STATUSES:
+            message = (response.get("Error") or {}).get("Message") or ""
+            return f"{code or f'HTTP {status}'}: {message}".rstrip(": ")
+        return None
+    match = _PYARROW_S3_ERROR.search(str(error)) if isinstance(error, OSError) else None
+    if match is None:
+        return None
+    name, status, _, message = match.groups()
+    message = re.sub(r"\s*\(Request ID:.*$", "", message.strip(), flags=re.S)
+    message = re.sub(r"^Unable to parse ExceptionName: \S+ Message: ", "", message)  # a code the SDK does not know
+    code = next((c for c in sorted(S3_STORAGE_CODES) if c in str(error)), None)
+    if name in _PYARROW_S3_NAMES or code or (status and int(status) in S3_STORAGE_STATUSES):
+        return f"{code or name}{f' (HTTP {status})' if status else ''}: {message}".rstrip(": ")
+    return None
 
 
 def s3_client(storage: StorageSpec | None = None) -> Any:
@@ -103,12 +168,34 @@ class OutputStore:
     def state_path(self, shard: str) -> str:
         return self.path("_progress", f"{shard}.json")
 
+    def where(self, path: str) -> str:
+        """`path` as the user names it: `s3://bucket/key` on S3, the absolute path locally."""
+        return f"{self.uri.split('://', 1)[0]}://{path}" if "://" in self.uri else path
+
+    @contextlib.contextmanager
+    def _storage(self, action: str, path: str) -> Iterator[None]:
+        """A storage fault (`storage_fault`) inside becomes OutputStorageError naming `path`; others pass."""
+        try:
+            yield
+        except OutputStorageError:
+            raise
+        except Exception as e:
+            cause = storage_fault(e)
+            if cause is None:
+                raise
+            raise OutputStorageError(action, self.where(path), cause) from e
+
     # primitive operations ----------------------------------------------------------------------
     def exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+        with self._storage("read", path):
+            return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """`path` holds `data` or what it held before, never a part of it, whenever the writer dies."""
+        with self._storage("write", path):
+            self._write_atomic(path, data)
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
         parent, name = path.rsplit("/", 1)
         if self.is_local:
             for attempt in range(STORAGE_RETRIES):
@@ -130,11 +217,23 @@ class OutputStore:
         # Dot-prefixed: a temp file left by a kill -9 (torn, or complete but not yet renamed) sits
         # next to the data files, and readers of OUT/data (pyarrow, pandas, Ray Data) skip "."/"_" names.
         tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        with open(tmp, "rb+") as f:  # durable before it becomes visible
-            os.fsync(f.fileno())
-        self.fs.move(tmp, f"{parent}/{name}")
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            with open(tmp, "rb+") as f:  # durable before it becomes visible
+                os.fsync(f.fileno())
+            self.fs.move(tmp, f"{parent}/{name}")
+        except BaseException:
+            self._discard(tmp)  # a full disk or a refused write leaves no temp file behind (a kill -9 still can)
+            raise
+
+    def _discard(self, tmp: str) -> None:
+        """Remove a temp file of ours if it is there; a store that refuses even that keeps it (hidden, harmless)
+        and the error that brought us here is the one raised."""
+        try:
+            self.fs.delete_file(tmp)
+        except OSError:
+            pass
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Create `path` holding `data` only if it does not exist; False when it already does.
@@ -142,6 +241,10 @@ class OutputStore:
         Local: a hard link of a complete temp file (atomic, fails on an existing name). S3: a PUT with
         `If-None-Match: *` (boto3: pyarrow has no conditional writes). Other stores: check, then write.
         """
+        with self._storage("write", path):
+            return self._create_exclusive(path, data)
+
+    def _create_exclusive(self, path: str, data: bytes) -> bool:
         parent, name = path.rsplit("/", 1)
         if self.is_local:
             self.fs.create_dir(parent, recursive=True)
@@ -156,7 +259,7 @@ class OutputStore:
             except FileExistsError:
                 return False
             finally:
-                self.delete(tmp)
+                self._discard(tmp)
         if self.fs.type_name == "s3":
             from botocore.exceptions import ClientError
 
@@ -174,6 +277,10 @@ class OutputStore:
         return True
 
     def read_bytes(self, path: str) -> bytes | None:
+        with self._storage("read", path):
+            return self._read_bytes(path)
+
+    def _read_bytes(self, path: str) -> bytes | None:
         if self.fs.type_name == "s3":
             # One GET. pyarrow's input stream first HEADs the object for its size: two round trips for every
             # small read, which `recaption status` pays once per shard.
@@ -194,26 +301,30 @@ class OutputStore:
 
     def list_files(self, directory: str, suffix: str = "") -> list[str]:
         selector = pafs.FileSelector(directory, allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
+        with self._storage("list", directory):
+            infos = self.fs.get_file_info(selector)
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
     def list_tree(self, directory: str, suffix: str = "") -> list[str]:
         """Every file under `directory`, at any depth: one listing (paged on S3), not one per folder."""
         selector = pafs.FileSelector(directory, allow_not_found=True, recursive=True)
-        return sorted(i.path for i in self.fs.get_file_info(selector)
-                      if i.type == pafs.FileType.File and i.path.endswith(suffix))
+        with self._storage("list", directory):
+            infos = self.fs.get_file_info(selector)
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
     def delete(self, path: str) -> None:
-        try:
-            self.fs.delete_file(path)
-        except FileNotFoundError:
-            pass
+        with self._storage("delete", path):
+            try:
+                self.fs.delete_file(path)
+            except FileNotFoundError:
+                pass
 
     def delete_dir(self, path: str) -> None:
-        try:
-            self.fs.delete_dir(path)
-        except FileNotFoundError:
-            pass
+        with self._storage("delete", path):
+            try:
+                self.fs.delete_dir(path)
+            except FileNotFoundError:
+                pass
 
     def read_json(self, path: str) -> Any | None:
         data = self.read_bytes(path)
@@ -306,7 +417,7 @@ class OutputStore:
         return self._read_table(path, columns)
 
     def _read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open_input_file(path) as f:
+        with self._storage("read", path), self.fs.open_input_file(path) as f:
             names = pq.read_schema(f).names
             if OLD_FLAGS_COLUMN in names and FLAGS_COLUMN not in names:
                 # a file written before the rename (resuming an old unfinished output): read `flags`,

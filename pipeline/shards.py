@@ -20,6 +20,7 @@ tell a complete shard (end-of-archive block) from a truncated one.
 from __future__ import annotations
 
 import ast
+import base64
 import hashlib
 import http.client
 import json
@@ -320,15 +321,17 @@ class _HttpOpener:
     """
 
     def __init__(self, url: str):
-        self.url = url
+        self.url, self.authorization = _split_user_info(url)
         self.safe = safe_url(url)
         self.validators: dict[str, str] | None = None  # ETag and Last-Modified of the first answer
 
     def __call__(self, offset: int) -> tuple[BinaryIO, int | None]:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        request = urllib.request.Request(self.url, headers=headers)
+        if self.authorization:  # not sent on to where a redirect points
+            request.add_unredirected_header("Authorization", self.authorization)
         try:
-            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers),
-                                              timeout=HTTP_TIMEOUT_S)
+            response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
         except urllib.error.HTTPError as err:
             err.close()
             if err.code in (408, 425, 429) or err.code >= 500:
@@ -370,6 +373,18 @@ class _HttpOpener:
             if _skip(response, offset) < offset:
                 raise _TransientError(f"the body ended while skipping to byte {offset}")
         return length
+
+
+def _split_user_info(url: str) -> tuple[str, str | None]:
+    """(``url`` without ``user:password@``, the HTTP Basic ``Authorization`` value for them or None): urllib
+    sends no credentials from a URL, it takes ``user:password@host`` for the host's name."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    user_info, _, host = parts.netloc.rpartition("@")
+    user, _, password = user_info.partition(":")
+    token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
 
 
 class _S3Opener:

@@ -162,14 +162,32 @@ def open_shard_stream(
     raise ShardReadError(f"cannot open shard {safe_url(url)}: unsupported scheme {scheme!r}")
 
 
+REDACTED = "<redacted>"  # stands where a URL's credentials were: user:password@ and the query string
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
 def safe_url(url: str) -> str:
-    """``url`` for logs and errors: no ``user:password@``, and no query string (it may hold a signature)."""
+    """``url`` as the job logs and records it: ``user:password@`` and the query string (a presigned URL's
+    signature) replaced by ``REDACTED``, the fragment dropped. Scheme, host and path stay, so the shard's
+    name, and what a rerun resumes, are the same with any signature. Text without ``://`` (a local path,
+    where ``?`` is part of the name) and a URL with nothing to hide come back unchanged.
+    Only the actor reading the shard ever gets the full URL."""
+    if "://" not in url or not any(c in url for c in "@?#"):  # (the common case, without parsing: 100k shards)
+        return url
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "<unparsable URL>"
-    netloc = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + ("?…" if parts.query else "")
+    host = parts.netloc.rpartition("@")[2]
+    if host == parts.netloc and not parts.query and not parts.fragment:
+        return url
+    netloc = f"{REDACTED}@{host}" if host != parts.netloc else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + (f"?{REDACTED}" if parts.query else "")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` (an exception message, a failure reason) with every URL in it passed through ``safe_url``."""
+    return _URL_IN_TEXT.sub(lambda m: safe_url(m.group(0)), text) if "://" in text else text
 
 
 class ShardStreamError(OSError):

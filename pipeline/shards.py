@@ -360,7 +360,10 @@ class _HttpOpener:
                 raise ShardReadError(f"cannot open shard {self.safe}: {err.reason}") from None
             raise
         except (http.client.InvalidURL, ValueError) as err:
-            raise ShardReadError(f"cannot open shard {self.safe}: {err}") from None
+            # the message quotes the request's path and query ("URL can't contain control characters. '/…'"):
+            # keep the words before the quote
+            reason = str(err).split(" '")[0].rstrip(" .:") or type(err).__name__
+            raise ShardReadError(f"cannot open shard {self.safe}: {reason}") from None
         try:
             return response, self._check(response, offset)
         except BaseException:

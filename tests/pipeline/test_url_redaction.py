@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.manifest import manifest_from_dict
 from pipeline.progress import JobIdentity, ensure_job, mark_running, record_failure, write_shard_list
-from pipeline.shards import REDACTED, redact_urls, safe_url, shard_name
+from pipeline.shards import REDACTED, ShardReader, ShardReadError, redact_urls, safe_url, shard_name
 from pipeline.writing import OutputStore
 
 SIGNED = ("https://bucket.s3.amazonaws.com/panda/00042.tar?X-Amz-Algorithm=AWS4-HMAC-SHA256"
@@ -51,6 +51,17 @@ def test_redact_urls_in_free_text() -> None:
                         f"see http://h/help?{REDACTED} or /local/a?b.tar")
     assert redact_urls(redacted) == redacted
     assert redact_urls("no URL here: a?b") == "no URL here: a?b"
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("http://127.0.0.1:1/x.tar?X-Amz-Signature=PLANTED SECRET", "URL can't contain control characters"),
+    ("http://127.0.0.1:port/x.tar?X-Amz-Signature=PLANTEDSECRET", "nonnumeric port"),
+])
+def test_a_malformed_signed_url_is_refused_without_quoting_it(url: str, reason: str) -> None:
+    """http.client quotes the request's path and query in its message; the reader's error does not."""
+    with pytest.raises(ShardReadError) as err:
+        next(iter(ShardReader(url, read_retries=0)))
+    assert str(err.value) == f"cannot open shard {safe_url(url)}: {reason}"
 
 
 def test_what_the_job_records_holds_no_credentials(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from model.describe import evenly_spaced
 from pipeline.frames import DecodeFailure, decord_reason, open_video, probe_video
 from pipeline.progress import JOB_FILE, read_shard_list
 from pipeline.rows import COLUMNS, STATUSES
-from pipeline.shards import ShardReader, ShardReadError, expand_shard_spec, shard_name
+from pipeline.shards import REDACTED, ShardReader, ShardReadError, expand_shard_spec, shard_name
 from pipeline.writing import OutputStore
 
 DEFAULT_SAMPLE = 24
@@ -120,15 +120,17 @@ class Chooser:
         return [(shard, key) for _, shard, key in ordered]
 
 
-def shard_urls(store: OutputStore) -> dict[str, str]:
+def shard_urls(store: OutputStore, given: list[str] | None = None) -> dict[str, str]:
     """{shard name: URL}: the shard lists of the job record's manifest, updated by the latest run's list
-    (`_shards.json`, which includes shards added by reruns with other --shards)."""
+    (`_shards.json`, which includes shards added by reruns with other --shards), then by the shards `given`
+    (--shards: the output records URLs without their credentials, a signed shard is read from these)."""
     job = store.read_json(store.path(JOB_FILE)) or {}
     try:
         urls = {shard_name(url): url for url in expand_shard_spec(job["manifest"]["shards"])}
     except (KeyError, TypeError):
         urls = {}
     urls.update(read_shard_list(store) or {})
+    urls.update({shard_name(url): url for url in expand_shard_spec(given or [])})
     return urls
 
 
@@ -184,6 +186,11 @@ def fill_thumbnails(cards: list[Card], url: str | None) -> None:
     if url is None:
         for card in wanted.values():
             card.no_frames = "shard not readable: not in any run's shard list (_job.json, _shards.json)"
+        return
+    if REDACTED in url:
+        for card in wanted.values():
+            card.no_frames = (f"shard not readable: {url} is recorded without its credentials; give its URL "
+                              "with --shards")
         return
     samples = iter(ShardReader(url))
     try:
@@ -313,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sort", choices=SORTS, default="random",
                    help="random: a sample (default); score: the lowest clip_score first (the captions least like "
                         "their clips); score-desc: the highest first. Sorting leaves out rows without a score")
+    p.add_argument("--shards", metavar="SPEC",
+                   help="where to read the shards' frames, as `recaption run --shards` takes them (comma-separated, "
+                        "brace ranges); needed for signed URLs, which the output records without their credentials")
     p.add_argument("--min-score", type=float, metavar="X", help="only rows with clip_score >= X")
     p.add_argument("--max-score", type=float, metavar="X", help="only rows with clip_score <= X")
     args = p.parse_args(argv)
@@ -340,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         chooser.offer(name, picked)
     chosen = chooser.chosen()
 
-    urls = shard_urls(store)
+    urls = shard_urls(store, [s.strip() for s in args.shards.split(",") if s.strip()] if args.shards else None)
     cards: dict[tuple[str, str], Card] = {}
     for name in sorted({shard for shard, _ in chosen}):
         keys = {key for shard, key in chosen if shard == name}

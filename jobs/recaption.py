@@ -45,7 +45,7 @@ from pipeline.progress import (
 from pipeline.retry import RetryPolicy
 from pipeline.rows import STATUSES
 from pipeline.settings import ActorSettings
-from pipeline.shards import ShardReadError, expand_shard_spec
+from pipeline.shards import ShardReadError, expand_shard_spec, redact_urls, safe_url
 from pipeline.stats import Stats
 from pipeline.writing import META_CONFIG, META_FINGERPRINT, OutputStorageError, OutputStore
 
@@ -421,7 +421,8 @@ class _Dispatcher:
             ref = actor.process_shard.remote(task.url, task.shard, task.attempt, task.redo)
             self.running[ref] = (actor, task)
             self.started[ref] = time.monotonic()
-            self.progress.log("shard %s start (attempt %d): %s", task.shard, task.attempt, task.url)
+            # the actor gets the full URL; logs and records get it without credentials (safe_url)
+            self.progress.log("shard %s start (attempt %d): %s", task.shard, task.attempt, safe_url(task.url))
 
     def on_tick(self) -> None:
         """Nothing finished for POLL_S: progress, the watchdog, the end of a stop's grace period."""
@@ -586,7 +587,8 @@ def _storage_error_line(e: OutputStorageError, unfinished: int | None = None) ->
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
+    """The exception's last line, as a failure reason for logs and records: a URL in it without credentials."""
+    text = redact_urls(str(e)).strip() or type(e).__name__
     lines = [line for line in text.splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[-1] if lines else text}"[:500]
 
@@ -616,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             OSError, ValueError) as e:
         # bad manifest or model path, different job in OUT, output held by another driver, missing device,
         # unreachable store: one line, no traceback (ValueError covers ModelPathError and CheckpointError)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_urls(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         stop.restore()

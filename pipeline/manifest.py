@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.shards import safe_url
+
 LANGUAGES = ("en", "zh")
 ZH_MODES = ("translate", "direct", "mt")
 ZH_VARIANTS = ("zh-Hans", "zh-Hant", "zh-TW", "zh-HK")
@@ -162,8 +164,11 @@ class Manifest:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest as it is recorded (`_job.json`, every data file's metadata, the dataset card): shard
+        URLs without their credentials (`safe_url`: a presigned signature, user:password@)."""
         d = dataclasses.asdict(self)
         d.pop("source")
+        d["shards"] = [safe_url(s) for s in self.shards]
         _check_finite(d, self.source)  # a Manifest built or replaced in code skips _coerce; JSON has no nan
         return d
 

@@ -15,7 +15,7 @@ import urllib.request
 from collections import Counter
 
 from pipeline.manifest import StorageSpec
-from pipeline.shards import ShardReadError, open_shard_stream, shard_name
+from pipeline.shards import ShardReadError, open_shard_stream, safe_url, shard_name
 
 _GLOB_CHARS = ("*", "?", "[")
 _SHOW = 5
@@ -51,7 +51,7 @@ def check_shards(urls: list[str], storage: StorageSpec | None = None) -> list[tu
         if not is_glob:
             expanded.append(url)
         elif path is None:
-            raise SetupError(f"shards: {url!r} is a glob; remote shards cannot be listed here, name them with a "
+            raise SetupError(f"shards: {safe_url(url)!r} is a glob; remote shards cannot be listed here, name them with a "
                              f"brace range such as s3://bucket/shards/{{00000..09999}}.tar")
         else:
             matches = sorted(glob.glob(path))

@@ -24,6 +24,7 @@ from pipeline.manifest import Manifest, fingerprint
 from pipeline.model_identity import ModelIdentity, ModelPathError  # noqa: F401  (ModelPathError: re-exported)
 from pipeline.model_identity import model_identity as _content_identity
 from pipeline.output_view import OutputView, record_state
+from pipeline.shards import redact_urls, safe_url
 from pipeline.stats import ERROR_REASONS, MEMBERS_SKIPPED, Stats, counts  # noqa: F401  (ERROR_REASONS: re-exported)
 from pipeline.writing import OutputStore
 
@@ -188,7 +189,7 @@ def mark_running(store: OutputStore, shard: str, url: str, attempt: int, pid: in
     intervals = list(state.get("intervals") or [])
     if state.get("started_at") and state.get("updated_at"):  # the previous attempt's active span
         intervals = (intervals + [[state["started_at"], state["updated_at"]]])[-MAX_INTERVALS:]
-    write_state(store, shard, url=url, state="running", attempts=attempt, pid=pid, host=socket.gethostname(),
+    write_state(store, shard, url=safe_url(url), state="running", attempts=attempt, pid=pid, host=socket.gethostname(),
                 started_at=time.time(), intervals=intervals, finished_at=None, redo=list(redo) if redo else None)
 
 
@@ -232,9 +233,10 @@ def settle_record(store: OutputStore, shard: str, record: dict[str, Any] | None 
 
 
 def record_failure(store: OutputStore, shard: str, url: str, attempt: int, reason: str, final: bool) -> None:
+    """`reason` is an exception's text: a URL in it is recorded as `safe_url` gives it, like `url`."""
     state = read_state(store, shard) or {"shard": shard, "errors": []}
-    errors = list(state.get("errors", [])) + [{"attempt": attempt, "reason": reason, "at": time.time()}]
-    write_state(store, shard, url=url, attempts=attempt, errors=errors, pid=None,
+    errors = list(state.get("errors", [])) + [{"attempt": attempt, "reason": redact_urls(reason), "at": time.time()}]
+    write_state(store, shard, url=safe_url(url), attempts=attempt, errors=errors, pid=None,
                 state="failed" if final else "running")
 
 
@@ -242,8 +244,10 @@ SHARD_LIST_FILE = "_shards.json"
 
 
 def write_shard_list(store: OutputStore, shards: list[tuple[str, str]]) -> None:
-    """The latest run's shard list (name -> URL): `recaption status` and `inspect` report against it."""
-    store.write_json(store.path(SHARD_LIST_FILE), {"written_at": time.time(), "shards": dict(shards)})
+    """The latest run's shard list (name -> URL without credentials, `safe_url`): `recaption status` and
+    `inspect` report against it."""
+    store.write_json(store.path(SHARD_LIST_FILE),
+                     {"written_at": time.time(), "shards": {name: safe_url(url) for name, url in shards}})
 
 
 def read_shard_list(store: OutputStore) -> dict[str, str] | None:

@@ -22,6 +22,7 @@ tell a complete shard (end-of-archive block) from a truncated one.
 from __future__ import annotations
 
 import ast
+import base64
 import hashlib
 import http.client
 import json
@@ -166,14 +167,32 @@ def open_shard_stream(
     raise ShardReadError(f"cannot open shard {safe_url(url)}: unsupported scheme {scheme!r}")
 
 
+REDACTED = "<redacted>"  # stands where a URL's credentials were: user:password@ and the query string
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
 def safe_url(url: str) -> str:
-    """``url`` for logs and errors: no ``user:password@``, and no query string (it may hold a signature)."""
+    """``url`` as the job logs and records it: ``user:password@`` and the query string (a presigned URL's
+    signature) replaced by ``REDACTED``, the fragment dropped. Scheme, host and path stay, so the shard's
+    name, and what a rerun resumes, are the same with any signature. Text without ``://`` (a local path,
+    where ``?`` is part of the name) and a URL with nothing to hide come back unchanged.
+    Only the actor reading the shard ever gets the full URL."""
+    if "://" not in url or not any(c in url for c in "@?#"):  # (the common case, without parsing: 100k shards)
+        return url
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "<unparsable URL>"
-    netloc = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + ("?…" if parts.query else "")
+    host = parts.netloc.rpartition("@")[2]
+    if host == parts.netloc and not parts.query and not parts.fragment:
+        return url
+    netloc = f"{REDACTED}@{host}" if host != parts.netloc else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + (f"?{REDACTED}" if parts.query else "")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` (an exception message, a failure reason) with every URL in it passed through ``safe_url``."""
+    return _URL_IN_TEXT.sub(lambda m: safe_url(m.group(0)), text) if "://" in text else text
 
 
 class ShardStreamError(OSError):
@@ -325,15 +344,17 @@ class _HttpOpener:
     """
 
     def __init__(self, url: str):
-        self.url = url
+        self.url, self.authorization = _split_user_info(url)
         self.safe = safe_url(url)
         self.validators: dict[str, str] | None = None  # ETag and Last-Modified of the first answer
 
     def __call__(self, offset: int) -> tuple[BinaryIO, int | None]:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        request = urllib.request.Request(self.url, headers=headers)
+        if self.authorization:  # not sent on to where a redirect points
+            request.add_unredirected_header("Authorization", self.authorization)
         try:
-            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers),
-                                              timeout=HTTP_TIMEOUT_S)
+            response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
         except urllib.error.HTTPError as err:
             err.close()
             if err.code in (408, 425, 429) or err.code >= 500:
@@ -344,7 +365,10 @@ class _HttpOpener:
                 raise ShardReadError(f"cannot open shard {self.safe}: {err.reason}") from None
             raise
         except (http.client.InvalidURL, ValueError) as err:
-            raise ShardReadError(f"cannot open shard {self.safe}: {err}") from None
+            # the message quotes the request's path and query ("URL can't contain control characters. '/…'"):
+            # keep the words before the quote
+            reason = str(err).split(" '")[0].rstrip(" .:") or type(err).__name__
+            raise ShardReadError(f"cannot open shard {self.safe}: {reason}") from None
         try:
             return response, self._check(response, offset)
         except BaseException:
@@ -375,6 +399,18 @@ class _HttpOpener:
             if _skip(response, offset) < offset:
                 raise _TransientError(f"the body ended while skipping to byte {offset}")
         return length
+
+
+def _split_user_info(url: str) -> tuple[str, str | None]:
+    """(``url`` without ``user:password@``, the HTTP Basic ``Authorization`` value for them or None): urllib
+    sends no credentials from a URL, it takes ``user:password@host`` for the host's name."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    user_info, _, host = parts.netloc.rpartition("@")
+    user, _, password = user_info.partition(":")
+    token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
 
 
 class _S3Opener:

@@ -107,6 +107,7 @@ def ray_cluster(tmp_path_factory):
         "dashboard": f"http://127.0.0.1:{dash_port}",
         "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
         "token": token,
+        "temp_dir": temp_dir,  # the session's logs are under it
     }
     try:
         yield cluster

@@ -6,6 +6,7 @@ be resumed keeps what it read and says why in ``ShardReader.incomplete``.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
 import io
@@ -58,14 +59,15 @@ class FaultyServer:
     ``("cut", n)``: announce the full length, send ``n`` body bytes, close; ``("reset", n)``: the same, then a
     TCP reset (SO_LINGER 0); ``("status", code)``: answer that status. ``cut_at``: every body stops at that
     byte of the file. ``Range: bytes=N-`` is honoured (206) unless ``honour_range`` is False (200, full body).
-    ``chunked``: bodies are sent with ``Transfer-Encoding: chunked`` and no Content-Length.
+    ``chunked``: bodies are sent with ``Transfer-Encoding: chunked`` and no Content-Length. ``authorization``:
+    a request without this ``Authorization`` header gets 401.
     """
 
     def __init__(self, data: bytes, plan: list[tuple[str, int]] = (), *, honour_range: bool = True,
                  cut_at: int | None = None, etag_for: Callable[[int], str] = lambda i: '"v1"',
-                 chunked: bool = False):
+                 chunked: bool = False, authorization: str | None = None):
         self.data, self.plan, self.honour_range, self.cut_at = data, list(plan), honour_range, cut_at
-        self.chunked = chunked
+        self.chunked, self.authorization = chunked, authorization
         self.etag_for = etag_for
         self.ranges: list[str | None] = []  # the Range header of each request
         self._lock = threading.Lock()
@@ -98,6 +100,9 @@ class FaultyServer:
             index = len(self.ranges)
             self.ranges.append(h.headers.get("Range"))
             action = self.plan.pop(0) if self.plan else None
+        if self.authorization and h.headers.get("Authorization") != self.authorization:
+            h.send_error(401)
+            return
         if action and action[0] == "status":
             h.send_error(action[1])
             return
@@ -234,6 +239,23 @@ def test_http_unreachable_server_is_retried_then_fails() -> None:
     with pytest.raises(ShardReadError, match="after 2 retries: .*Connection refused") as err:
         next(iter(reader))
     assert "secret" not in str(err.value), "a query string may hold a signature"
+
+
+def test_http_user_and_password_in_the_url_are_sent_as_basic_auth(shard_bytes, local_samples, caplog) -> None:
+    """urllib would take `user:password@host` for a host name; the reader sends them as HTTP Basic auth (on every
+    resumed request too) and never shows them, nor the query string, in a message."""
+    expected = "Basic " + base64.b64encode(b"reader:PLANTED@pw").decode()
+    caplog.set_level(logging.WARNING, logger="pipeline.shards")
+    with FaultyServer(shard_bytes, [("cut", len(shard_bytes) // 2)], authorization=expected) as server:
+        url = server.url.replace("http://", "http://reader:PLANTED%40pw@") + "?X-Amz-Signature=PLANTEDSIG"
+        reader = ShardReader(url, read_retries=1, **FAST)
+        assert read_all(reader) == local_samples and reader.stream_retries == 1
+        assert len(server.ranges) == 2
+        wrong = ShardReader(url.replace("PLANTED%40pw", "PLANTED-wrong"), read_retries=1, **FAST)
+        with pytest.raises(ShardReadError, match="HTTP 401") as err:
+            next(iter(wrong))
+    messages = [str(err.value), wrong.incomplete, *(r.getMessage() for r in caplog.records)]
+    assert len(messages) == 3 and not [m for m in messages if "PLANTED" in m], messages
 
 
 # ----------------------------------------------------------------------------------------------- local

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -58,7 +57,6 @@ class KeyClaims:
         self._body = json.dumps({"shard": shard}).encode()
         self._holder: str | None = None
         self._links = 0
-        self._dirs: set[str] = set()
 
     def holder(self, key: str) -> str | None:
         """None when `key` is this shard's to caption (claimed now, or by an earlier attempt of this shard);
@@ -76,25 +74,17 @@ class KeyClaims:
     def _create(self, path: str) -> bool:
         if not self.store.is_local:
             return self.store.create_exclusive(path, self._body)
-        parent = path.rsplit("/", 1)[0]
-        if parent not in self._dirs:
-            os.makedirs(parent, exist_ok=True)
-            self._dirs.add(parent)
         if self._holder is None or self._links >= self.LINKS_PER_HOLDER:
             self._holder = self._new_holder()
             self._links = 0
-        try:
-            os.link(self._holder, path)
-        except FileExistsError:
+        if not self.store.link_exclusive(self._holder, path):
             return False
         self._links += 1
         return True
 
     def _new_holder(self) -> str:
         """A complete, durable holder file (its name is this shard's, sanitised, plus a random suffix)."""
-        folder = self.store.path(KEYS_DIR, HOLDERS_DIR)
-        os.makedirs(folder, exist_ok=True)
-        path = f"{folder}/{self.shard}.{uuid.uuid4().hex[:12]}"
+        path = self.store.path(KEYS_DIR, HOLDERS_DIR, f"{self.shard}.{uuid.uuid4().hex[:12]}")
         self.store.write_atomic(path, self._body)
         return path
 

@@ -276,6 +276,22 @@ class OutputStore:
         self.write_atomic(path, data)
         return True
 
+    def link_exclusive(self, target: str, path: str) -> bool:
+        """Local stores: make `path` a hard link to the existing file `target`, atomically; False when `path`
+        already exists (the key claims of pipeline/key_claims.py: a directory entry each, no data block)."""
+        with self._storage("write", path):
+            try:
+                os.link(target, path)
+            except FileNotFoundError:  # the first claim in its folder
+                os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                try:
+                    os.link(target, path)
+                except FileExistsError:
+                    return False
+            except FileExistsError:
+                return False
+            return True
+
     def read_bytes(self, path: str) -> bytes | None:
         with self._storage("read", path):
             return self._read_bytes(path)

@@ -112,7 +112,9 @@ def s3_client(storage: StorageSpec | None = None) -> Any:
     import boto3
 
     endpoint, region = s3_endpoint(storage)
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+    # A session of its own: boto3's default session resolves credentials once per process and keeps them, so a
+    # process whose environment changes (a long-lived actor, a test run) would sign with the first ones forever.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region)
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:

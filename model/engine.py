@@ -29,15 +29,14 @@ The prefill of one request uses the cache in "prefill" mode: it reports an empty
 the prompt's keys/values into positions 0..L-1 of the slot while handing the fresh tensors to attention,
 as `DynamicCache` does on its first update.
 
-transformers 5.24 renamed the forward's cache keyword to `cache=` (5.17: `past_key_values=`); an unknown
-keyword disappears into **kwargs and the model silently builds its own throwaway cache. `check_cache_keyword`
-refuses to build an engine when the installed Llama forward does not take our keyword, and every forward
-checks that each layer of our cache was written exactly once.
+transformers 5.24 renamed the forward's cache keyword to `cache=` (up to 5.20: `past_key_values=`); an unknown
+keyword disappears into **kwargs and the model silently builds its own throwaway cache. The engine passes the
+keyword the installed Llama forward takes (`generation.cache_keyword`), refuses to start when it takes neither,
+and every forward checks that each layer of our cache was written exactly once.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,12 +45,8 @@ import torch
 import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from model.generation import Generation, stop_token_ids
+from model.generation import Generation, cache_keyword, stop_token_ids
 from model.loading import LoadedPllava
-
-CACHE_KEYWORD = "cache"  # the Llama forward's cache argument in transformers 5.24 (5.17: "past_key_values")
-EXPECTED_TRANSFORMERS = "5.24.0"
-
 
 # --------------------------------------------------------------------------------------------------- requests
 
@@ -210,19 +205,10 @@ class SlotCache(Cache):
         return [layer.writes for layer in self.layers]
 
 
-def check_cache_keyword(model: torch.nn.Module) -> None:
-    """Refuse a transformers whose Llama forward does not take `CACHE_KEYWORD` (it would be swallowed by
-    **kwargs, and decoding would run without our cache). `model`: a PllavaModel or a LlamaForCausalLM."""
-    lm = getattr(model, "language_model", model)
-    for fn in (lm.forward, lm.model.forward):
-        params = inspect.signature(fn).parameters
-        if CACHE_KEYWORD not in params:
-            raise RuntimeError(
-                f"the installed transformers {transformers.__version__} has no {CACHE_KEYWORD!r} argument in "
-                f"{type(fn.__self__).__name__}.forward (its arguments: {', '.join(p for p in params if p != 'self')})"
-                f"; this engine expects transformers {EXPECTED_TRANSFORMERS}, whose Llama forward takes "
-                f"{CACHE_KEYWORD}=. Install transformers=={EXPECTED_TRANSFORMERS} or update CACHE_KEYWORD."
-            )
+def check_cache_keyword(model: torch.nn.Module) -> str:
+    """The cache keyword the installed Llama forward takes (`generation.cache_keyword`); raises when it takes
+    neither, so decoding never runs without our cache. `model`: a PllavaModel or a LlamaForCausalLM."""
+    return cache_keyword(model)
 
 
 # ------------------------------------------------------------------------------------------------- sizing
@@ -284,7 +270,7 @@ class CaptionEngine:
             raise ValueError(f"need num_slots >= 1, max_len >= 2, sync_every >= 1; got {num_slots}, {max_len}, "
                              f"{sync_every}")
         model = loaded.model
-        check_cache_keyword(model)
+        self.cache_keyword = check_cache_keyword(model)
         lm = model.language_model
         impl = lm.config._attn_implementation
         if impl not in ("sdpa", "eager"):
@@ -423,7 +409,7 @@ class CaptionEngine:
         return list(self.default_stop_ids if request.stop_ids is None else request.stop_ids)
 
     def _lm_forward(self, **inputs) -> torch.Tensor:
-        return self.lm(**inputs, **{CACHE_KEYWORD: self.cache}, use_cache=True).logits
+        return self.lm(**inputs, **{self.cache_keyword: self.cache}, use_cache=True).logits
 
     def _guarded(self, fn, *args, **kwargs) -> torch.Tensor:
         """Run a forward through our cache (eager) and check that it wrote every layer exactly once."""
@@ -432,8 +418,8 @@ class CaptionEngine:
         if self.cache.writes() != [w + 1 for w in before]:
             raise RuntimeError(
                 f"the language model's forward did not write the engine's KV cache (layer writes {before} -> "
-                f"{self.cache.writes()}): the cache keyword {CACHE_KEYWORD!r} was not taken by transformers "
-                f"{transformers.__version__} (expected {EXPECTED_TRANSFORMERS}); decoding would run without it"
+                f"{self.cache.writes()}): the cache keyword {self.cache_keyword!r} was not taken by transformers "
+                f"{transformers.__version__}; decoding would run without it"
             )
         return out
 

@@ -6,9 +6,12 @@ penalty sees the prompt's text tokens (not the 2304 visual slots), and `ignore_e
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import DynamicCache
 
 from model.loading import LoadedPllava
@@ -28,6 +31,39 @@ def stop_token_ids(loaded: LoadedPllava) -> list[int]:
     vocab = tokenizer.get_vocab()
     ids.update(vocab[tok] for tok in loaded.template.stop_tokens if tok in vocab)
     return sorted(ids)
+
+
+CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers 5.24 / up to 5.20 (the Llama forward's name for it)
+
+
+@functools.cache
+def _forward_keyword(forward_types: tuple[type, ...]) -> str | None:
+    for name in CACHE_KEYWORDS:
+        if all(name in inspect.signature(t.forward).parameters for t in forward_types):
+            return name
+    return None
+
+
+def cache_keyword(lm: torch.nn.Module) -> str:
+    """The cache argument the installed transformers' Llama forward takes: `cache` (5.24) or `past_key_values`
+    (up to 5.20). Taken from the signature, because an unknown keyword is swallowed by **kwargs and the model
+    decodes with a throwaway cache of its own: fast and wrong. `lm`: a LlamaForCausalLM (or a PllavaModel)."""
+    lm = getattr(lm, "language_model", lm)
+    name = _forward_keyword((type(lm), type(lm.model)))
+    if name is None:
+        params = [p for p in inspect.signature(lm.forward).parameters if p != "self"]
+        raise RuntimeError(f"the installed transformers {transformers.__version__}: {type(lm).__name__}.forward takes "
+                           f"none of {', '.join(CACHE_KEYWORDS)} (its arguments: {', '.join(params)}); the "
+                           f"tested versions are listed in the README")
+    return name
+
+
+def check_cache_grew(cache: DynamicCache, expected: int, where: str) -> None:
+    """A forward given `cache` must have written it: else transformers did not take the keyword."""
+    if cache.get_seq_length() != expected:
+        raise RuntimeError(f"{where}: the KV cache holds {cache.get_seq_length()} positions, expected {expected}: "
+                           f"transformers {transformers.__version__} did not take the cache argument; decoding "
+                           "would run without it")
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -70,14 +106,16 @@ def greedy_generate(
     embeds, mask, position_ids = model.prepare_inputs(input_ids, attention_mask, video_features)
     next_position = mask.sum(-1, keepdim=True)  # (B, 1): the first new token's position
     cache = DynamicCache(config=lm.config)
+    keyword = cache_keyword(lm)
     out = lm(
         inputs_embeds=embeds,
         attention_mask=mask,
         position_ids=position_ids,
-        cache=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{keyword: cache},
     )
+    check_cache_grew(cache, embeds.shape[1], "greedy_generate prefill")
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     steps: list[torch.Tensor] = []
@@ -100,9 +138,10 @@ def greedy_generate(
             inputs_embeds=model.embed_tokens(token[:, None]),
             attention_mask=mask,
             position_ids=next_position,
-            cache=cache,
             use_cache=True,
+            **{keyword: cache},
         )
+        check_cache_grew(cache, mask.shape[1], "greedy_generate decode step")
         next_position = next_position + 1
 
     generated = torch.stack(steps, dim=1).tolist()  # (B, steps)

@@ -124,3 +124,19 @@ def test_stop_tokens_include_eos_and_the_template_end_of_turn(loaded_small, tiny
     assert stop_token_ids(loaded_small) == [loaded_small.tokenizer.eos_token_id]
     chatml = load_pllava(tiny_chatml_dir)
     assert chatml.tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(chatml)
+
+
+def test_the_cache_goes_in_under_the_installed_keyword_and_a_swallowed_one_raises(loaded_small, monkeypatch):
+    """transformers 5.24's Llama forward takes `cache=`, up to 5.20 `past_key_values=`; an unknown keyword is
+    swallowed by **kwargs and the model decodes with a throwaway cache of its own (fast and wrong): the loop
+    passes the keyword the installed forward takes, and refuses a forward that did not write the cache."""
+    import inspect
+
+    import model.generation as generation
+
+    lm = loaded_small.model.language_model
+    assert generation.cache_keyword(lm) in inspect.signature(type(lm).forward).parameters
+    prompt = loaded_small.template.format("Hi?", with_image=False)
+    monkeypatch.setattr(generation, "cache_keyword", lambda lm: "past_kv")
+    with pytest.raises(RuntimeError, match="did not take the cache argument"):
+        generate_text(loaded_small, [prompt], max_new_tokens=3)

@@ -227,9 +227,9 @@ class StopRequest:
     @contextlib.contextmanager
     def held_while_ray_starts(self) -> Iterator[None]:
         """Hold the first signal until ray.init returns, then raise `Interrupted` for it. ray.init installs
-        SIGTERM handlers that exit from inside its start-up (sys.exit in the middle of starting the core
-        worker aborts the process: exit 134, a C++ stack, its processes and the lease left behind); they are
-        kept out until it returns, and ours stay (`install` re-installs them after ray.init anyway)."""
+        SIGTERM handlers that exit from inside its start-up (exit 15, or an abort with a C++ stack, exit 134,
+        when it lands while the core worker starts; Ray's agents and the lease left behind); they are kept out
+        until it returns, and ours stay (`install` re-installs them after ray.init anyway)."""
         self.holding = True
         try:
             import ray._private.utils as ray_utils  # where ray.init sets its SIGTERM handlers

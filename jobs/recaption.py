@@ -232,14 +232,16 @@ class StopRequest:
         until it returns, and ours stay (`install` re-installs them after ray.init anyway)."""
         self.holding = True
         try:
-            import ray._private.utils as ray_utils  # where ray.init sets its SIGTERM handlers
+            import ray._private.utils as ray_utils  # where ray.init sets its SIGTERM handlers (Ray 2.60)
 
-            set_handler = ray_utils.set_sigterm_handler
-            ray_utils.set_sigterm_handler = lambda handler: None
+            set_handler = getattr(ray_utils, "set_sigterm_handler", None)  # a Ray without it: nothing to keep out
+            if set_handler:
+                ray_utils.set_sigterm_handler = lambda handler: None
             try:
                 yield
             finally:
-                ray_utils.set_sigterm_handler = set_handler
+                if set_handler:
+                    ray_utils.set_sigterm_handler = set_handler
         finally:
             self.holding = False
             self.install()

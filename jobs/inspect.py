@@ -16,6 +16,7 @@ import html
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -61,8 +62,44 @@ def data_files(store: OutputStore, shards: set[str] | None) -> dict[str, str]:
     return {name: path for name, path in files.items() if shards is None or name in shards}
 
 
+def shard_files(store: OutputStore, shards: set[str] | None) -> tuple[dict[str, list[str]], set[str]]:
+    """{shard: the files holding its rows} and the names of the unfinished shards among them: a finished
+    shard's data file; for one still running or interrupted, its committed chunks in the order the finalizer
+    merges them (their rows are final once committed). Chunks left beside a data file are ignored: the data
+    file holds their rows. Two listings: OUT/data and OUT/_progress (every depth)."""
+    finished = data_files(store, None)
+    files = {name: [path] for name, path in finished.items() if shards is None or name in shards}
+    prefix = store.path("_progress") + "/"
+    chunks: dict[str, list[str]] = {}
+    for path in store.list_tree(store.path("_progress"), ".parquet"):  # sorted: the finalizer's order
+        parts = path[len(prefix):].split("/")
+        if len(parts) == 2 and parts[1].startswith("chunk-") and (shards is None or parts[0] in shards):
+            chunks.setdefault(parts[0], []).append(path)
+    unfinished = {name: paths for name, paths in chunks.items() if name not in finished}
+    return {**files, **unfinished}, set(unfinished)
+
+
 def read_columns(store: OutputStore, path: str, columns: list[str]) -> list[dict[str, Any]]:
     return store.read_table(path, columns=columns).to_pylist()
+
+
+def read_shard_rows(store: OutputStore, name: str, paths: list[str],
+                    read: Callable[[str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One shard's rows from its files (`shard_files`), each key once: the first file's row wins, as in the
+    finalizer's merge (`dedupe_by_key`), so a retry's chunk that committed a key again is not counted twice."""
+    if len(paths) == 1:
+        return read(paths[0])
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    try:
+        for path in paths:
+            for row in read(path):
+                if row["key"] not in seen:
+                    seen.add(row["key"])
+                    rows.append(row)
+    except FileNotFoundError:  # the shard finished while it was read: its chunks are merged into its data file
+        return read(store.data_path(name))
+    return rows
 
 
 def read_selection_columns(store: OutputStore, path: str, scored: bool) -> list[dict[str, Any]]:
@@ -281,7 +318,8 @@ def render_card(card: Card) -> str:
             f"<dl>{details}</dl></article>")
 
 
-def render_report(output: str, counts: Counter, filters: str, matching: int, cards: list[Card]) -> str:
+def render_report(output: str, counts: Counter, filters: str, matching: int, cards: list[Card],
+                  in_progress: str = "") -> str:
     by_status = ", ".join(f"{_e(s)}={counts[s]}" for s in [*STATUSES, *sorted(set(counts) - set(STATUSES))]
                           if counts[s]) or "no rows"
     body = "".join(render_card(card) for card in cards) or "<p>No rows match the filter.</p>"
@@ -290,7 +328,7 @@ def render_report(output: str, counts: Counter, filters: str, matching: int, car
         f'<html lang="en"><head><meta charset="utf-8">{CSP_META}'
         f"<title>recaption inspect: {_e(output)}</title><style>{STYLE}</style></head><body>"
         f"<header><h1>Contact sheet of <code>{_e(output)}</code></h1>"
-        f"<p>rows by status: {by_status} ({sum(counts.values())} rows)</p>"
+        f"<p>rows by status: {by_status} ({sum(counts.values())} rows{_e(in_progress)})</p>"
         f"<p>filter: {_e(filters)}; {matching} rows match, {len(cards)} shown</p>"
         f'<p>generated {_e(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))}</p></header>'
         f'<main class="cards">{body}</main></body></html>\n'
@@ -326,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-score", type=float, metavar="X", help="only rows with clip_score >= X")
     p.add_argument("--max-score", type=float, metavar="X", help="only rows with clip_score <= X")
     args = p.parse_args(argv)
+    args.html = args.html.expanduser()
     statuses, shards = _names(args.status), _names(args.shard)
     if args.sample < 0:
         p.error("--sample must be >= 0")
@@ -336,14 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     if not store.exists(store.path(JOB_FILE)) and not store.exists(store.path("data")):
         print(f"error: {args.output} is not a job output (no {JOB_FILE})", file=sys.stderr)
         return 2
-    files = data_files(store, shards)
+    files, unfinished = shard_files(store, shards)
     counts: Counter = Counter()
     chooser = Chooser(args.sample, args.seed, args.sort)
     scored = args.sort != "random" or args.min_score is not None or args.max_score is not None
-    matching = 0
-    for name, path in files.items():
-        rows = read_selection_columns(store, path, scored)
+    matching = unfinished_rows = 0
+    for name, paths in files.items():
+        rows = read_shard_rows(store, name, paths, lambda path: read_selection_columns(store, path, scored))
         counts.update(row["status"] for row in rows)
+        unfinished_rows += len(rows) if name in unfinished else 0
         picked = [(row["key"], row["clip_score"]) for row in rows
                   if (statuses is None or row["status"] in statuses) and score_matches(row["clip_score"], args)]
         matching += len(picked)
@@ -354,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     cards: dict[tuple[str, str], Card] = {}
     for name in sorted({shard for shard, _ in chosen}):
         keys = {key for shard, key in chosen if shard == name}
-        shard_cards = [Card(row) for row in read_columns(store, files[name], CARD_COLUMNS) if row["key"] in keys]
+        shard_cards = [Card(row) for row in read_shard_rows(store, name, files[name],
+                                                            lambda path: read_columns(store, path, CARD_COLUMNS))
+                       if row["key"] in keys]
         fill_thumbnails(shard_cards, urls.get(name))
         cards.update(((name, card.row["key"]), card) for card in shard_cards)
     shown = [cards[pair] for pair in chosen if pair in cards]
@@ -372,10 +414,13 @@ def main(argv: list[str] | None = None) -> int:
         order = "lowest" if args.sort == "score" else "highest"
         filters += f"; the {args.sample or 'all'} {order} clip scores first"
     args.html.parent.mkdir(parents=True, exist_ok=True)
-    args.html.write_text(render_report(args.output, counts, filters, matching, shown), encoding="utf-8")
+    in_progress = (f"; {unfinished_rows} of them committed by {len(unfinished)} unfinished "
+                   f"shard{'s' if len(unfinished) > 1 else ''}" if unfinished else "")
+    args.html.write_text(render_report(args.output, counts, filters, matching, shown, in_progress),
+                         encoding="utf-8")
     unreadable = sum(1 for card in shown if card.no_frames and card.no_frames.startswith("shard not readable"))
     print(f"wrote {args.html}: {len(shown)} cards of {matching} matching rows "
-          f"({sum(counts.values())} rows in {len(files)} shards)"
+          f"({sum(counts.values())} rows in {len(files)} shards{in_progress})"
           + (f"; {unreadable} cards without frames: shard not readable" if unreadable else ""))
     return 0
 

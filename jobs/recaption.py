@@ -9,6 +9,7 @@ a shard whose actor died, and exits non-zero listing the shards that failed `max
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,6 +19,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ from jobs.status import collect_status
 from model.describe import ScoreModelInfo, describe_score_model
 from pipeline.dataset_card import write_dataset_card
 from pipeline.lease import LeaseHeld, acquire
-from pipeline.manifest import Manifest, ManifestError, load_manifest, resolve_paths
+from pipeline.manifest import Manifest, ManifestError, load_manifest, resolve_paths, split_shard_list
 from pipeline.model_identity import checkpoint_files
 from pipeline.preflight import SetupError, check_shards, check_unique_keys
 from pipeline.progress import (
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def apply_overrides(m: Manifest, args: argparse.Namespace) -> Manifest:
     changes: dict[str, Any] = {}
     if args.shards is not None:
-        changes["shards"] = [s.strip() for s in args.shards.split(",") if s.strip()]
+        changes["shards"] = split_shard_list(args.shards)
         if not changes["shards"]:
             raise ManifestError(f"--shards {args.shards!r} names no shard")
     if args.output:
@@ -129,17 +131,28 @@ class _AnsiStripper:
         return getattr(self._stream, name)
 
 
-def connect_ray() -> Any:
-    import ray
+def connect_ray(stop: StopRequest | None = None) -> Any:
+    """Start or join Ray. With `stop`, a Ctrl-C / SIGTERM while Ray starts is held until ray.init returns,
+    then stops the driver like one before it (exit 130 / 143). A Ray that does not start (a start-up timeout
+    on a loaded machine, a GCS that does not answer) is a setup failure: one line, exit 2."""
+    local = not os.environ.get("RAY_ADDRESS")
+    failed = ("the embedded local Ray (127.0.0.1) did not start" if local
+              else "could not join the Ray cluster named by RAY_ADDRESS")
+    with stop.held_while_ray_starts() if stop else contextlib.nullcontext():
+        import ray
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)  # inside `ray job submit`, or pointed at a cluster
-        return ray
-    # Embedded local mode: loopback only, no usage stats (never set these when joining a cluster).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", include_dashboard=False, log_to_driver=True)
-    return ray
+        try:
+            if not local:
+                ray.init(log_to_driver=True)  # inside `ray job submit`, or pointed at a cluster
+                return ray
+            # Embedded local mode: loopback only, no usage stats (never set these when joining a cluster).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+            return ray
+        except Exception as e:
+            ray.shutdown()  # the processes it had started
+            raise SetupError(f"{failed}: {_first_line(e)}") from None
 
 
 def actor_count(m: Manifest, resources: dict[str, float], n_shards: int) -> tuple[int, float, float]:
@@ -190,6 +203,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.graceful = False
+        self.holding = False  # ray.init is running: the first signal waits for it to return
         self._previous: dict[int, Any] = {}
 
     @property
@@ -211,12 +225,40 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    @contextlib.contextmanager
+    def held_while_ray_starts(self) -> Iterator[None]:
+        """Hold the first signal until ray.init returns, then raise `Interrupted` for it. ray.init installs
+        SIGTERM handlers that exit from inside its start-up (exit 15, or an abort with a C++ stack, exit 134,
+        when it lands while the core worker starts; Ray's agents and the lease left behind); they are kept out
+        until it returns, and ours stay (`install` re-installs them after ray.init anyway)."""
+        self.holding = True
+        try:
+            import ray._private.utils as ray_utils  # where ray.init sets its SIGTERM handlers (Ray 2.60)
+
+            set_handler = getattr(ray_utils, "set_sigterm_handler", None)  # a Ray without it: nothing to keep out
+            if set_handler:
+                ray_utils.set_sigterm_handler = lambda handler: None
+            try:
+                yield
+            finally:
+                if set_handler:
+                    ray_utils.set_sigterm_handler = set_handler
+        finally:
+            self.holding = False
+            self.install()
+        if self.requested:
+            raise Interrupted(self.signum or signal.SIGINT)
+
     def _handle(self, signum: int, frame: Any) -> None:
         first = self.signum is None
         self.signum = self.signum or signum
         if first and self.graceful:
             print(f"\n{signal.Signals(signum).name}: stopping; running shards commit what they have "
                   f"(up to {STOP_GRACE_S:.0f}s; send it again to stop now)", file=sys.stderr, flush=True)
+            return
+        if first and self.holding:
+            print(f"\n{signal.Signals(signum).name}: stopping once Ray has started (send it again to stop now)",
+                  file=sys.stderr, flush=True)
             return
         raise Interrupted(self.signum)
 
@@ -305,8 +347,7 @@ def _dispatch(m: Manifest, model: Any, store: OutputStore, ident: Any, plan: Any
               stop: StopRequest, log_every_s: float, redo: tuple[str, ...] | None = None) -> int:
     """Start the actors, keep every actor's shard places busy until the queue is empty (or a stop), then
     write the dataset card and the summary."""
-    ray = connect_ray()
-    stop.install()
+    ray = connect_ray(stop)
     d = _Dispatcher(ray, m, store, ident, plan, lease, stop, log_every_s, redo)
     stop.graceful = True
     try:
@@ -609,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(m, retry_failed=args.retry_failed, log_every_s=args.log_every, force=args.force, stop=stop,
                    redo=args.redo)
     except Interrupted as e:
-        print(f"interrupted ({e}) before any shard ran; nothing to resume", file=sys.stderr)
+        print(f"interrupted ({e}) while starting, before any shard ran; nothing lost: rerun the same command to "
+              f"resume", file=sys.stderr)
         return 128 + e.signum
     except OutputStorageError as e:  # the driver's own writes: _job.json, _shards.json, the lease, the card
         print(_storage_error_line(e), file=sys.stderr)

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -225,11 +226,17 @@ def manifest_from_dict(raw: Any, *, source: str = "<dict>") -> Manifest:
         raise ManifestError(f"{source}: a manifest must be a YAML mapping, got {type(raw).__name__}")
     raw = dict(raw)
     if isinstance(raw.get("shards"), str):
-        raw["shards"] = [raw["shards"]]
+        raw["shards"] = split_shard_list(raw["shards"])
     m = _build(Manifest, raw, source, prefix="", skip={"source"})
     m = dataclasses.replace(m, source=source)
     _check_values(m, source)
     return m
+
+
+def split_shard_list(text: str) -> list[str]:
+    """A shard spec given as one string, the manifest's `shards:` and `--shards` alike: comma-separated
+    paths, URLs or brace ranges (a YAML list keeps each item whole: the way to name a path with a comma)."""
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str, skip: frozenset | set = frozenset()) -> Any:
@@ -426,14 +433,21 @@ def fingerprint(m: Manifest, model_identity: str, prompt_version: str) -> tuple[
     return digest, parts
 
 
+def expand_home(path: str) -> str:
+    """`~` and `~user` at the start of a local path expanded as a shell would (URLs are left alone)."""
+    return path if "://" in path else os.path.expanduser(path)
+
+
 def _absolute(path: str, base: Path) -> str:
+    path = expand_home(path)
     if "://" in path or path.startswith("/"):
         return path
     return str((base / path).resolve()) if "{" not in path else str(base.resolve() / path)
 
 
 def resolve_paths(m: Manifest, base: str | Path) -> Manifest:
-    """Make local relative paths absolute, so actors (whose working directory differs) see the same files."""
+    """Make local paths absolute (`~` expanded, relative ones against `base`), so actors (whose working
+    directory differs) see the same files, and `~/out` is not a folder named `~`."""
     base = Path(base)
     model = dataclasses.replace(m.model, path=_absolute(m.model.path, base))
     zh = m.zh if not m.zh.mt_model else dataclasses.replace(m.zh, mt_model=_absolute(m.zh.mt_model, base))

@@ -137,7 +137,7 @@ class OutputStore:
         elif "://" in root:
             self.fs, self.root = pafs.FileSystem.from_uri(root)
         else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(root)
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))  # ~/out too
         self.uri = root
         self.storage = storage
         self.is_local = self.fs.type_name == "local"

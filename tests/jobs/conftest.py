@@ -26,6 +26,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
+# A 2-core CI box running other Ray clusters beside the tests (load 8-12) starts Ray slowly: these are bounds,
+# met in seconds on a quiet machine.
+RAY_START_TIMEOUT_S = 300
+AGENT_WAIT_S = 180
+NO_AGENT = "No available agent to submit job"  # Ray's answer while the head has no job agent registered
 
 
 def free_port() -> int:
@@ -88,19 +93,12 @@ def ray_cluster(tmp_path_factory):
     # Its own short temp dir: the cluster's processes name it, so teardown stops exactly these processes
     # (`ray stop` would stop every Ray on the machine, other test runs' and users' included).
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    agent_port = free_port()
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", temp_dir,
            "--node-ip-address", "127.0.0.1", "--port", str(gcs_port), "--metrics-export-port", str(metrics_port),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-    # The job agent can come up after `ray start` returns (seen on a loaded 2-core machine: "No available agent
-    # to submit job"): wait until the job API answers, as an operator would before submitting.
-    deadline = time.time() + 120
-    while True:
-        probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{dash_port}"],
-                               env=env, capture_output=True, text=True, timeout=120)
-        if probe.returncode == 0 or time.time() > deadline:
-            break
-        time.sleep(1)
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), *own_ports(agent_port)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=RAY_START_TIMEOUT_S)
+    wait_for_job_agent(f"http://127.0.0.1:{dash_port}", agent_port, env)
     cluster = {
         "env": env,
         "gcs": f"127.0.0.1:{gcs_port}",
@@ -114,6 +112,46 @@ def ray_cluster(tmp_path_factory):
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def own_ports(agent_port: int) -> list[str]:
+    """`ray start` flags giving a test cluster its own free ports where Ray's defaults are fixed numbers: the job
+    agent's 52365 above all. Two Rays on one machine (other test runs, CI beside a developer) otherwise collide
+    there; the second agent then serves no HTTP and never registers, and every `ray job submit` to that cluster
+    fails with "No available agent to submit job" however long it is retried."""
+    return ["--dashboard-agent-listen-port", str(agent_port), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--min-worker-port", "0", "--max-worker-port", "0"]
+
+
+def wait_for_job_agent(dashboard: str, agent_port: int, env: dict[str, str]) -> None:
+    """Wait until the job API answers and the head's job agent listens (it registers with the head right after):
+    on a loaded machine both can come up well after `ray start` returns, as an operator would wait."""
+    deadline = time.time() + RAY_START_TIMEOUT_S
+    while time.time() < deadline:
+        probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", dashboard],
+                               env=env, capture_output=True, text=True, timeout=RAY_START_TIMEOUT_S)
+        if probe.returncode == 0:
+            break
+        time.sleep(1)
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", agent_port)) == 0:
+                return
+        time.sleep(0.5)
+
+
+def submit_job(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`ray job submit ARGS`, submitted again while the head answers that its job agent is not there yet (only
+    that answer, for at most AGENT_WAIT_S): the agent registers after the head on a loaded machine."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        proc = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        if NO_AGENT not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            return proc
+        time.sleep(3)
 
 
 def stop_cluster(temp_dir: str) -> None:

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.jobs.conftest import (
@@ -278,3 +280,128 @@ def test_status_counts_active_time_latest_list_and_interrupted_shards(tmp_path):
     assert tp["active_s"] == pytest.approx(110, abs=2)  # not the day between the two runs
     assert tp["clips_per_s"] == pytest.approx(60 / 110, rel=0.05)
     assert tp["eta_s"] == pytest.approx(2 * 110, rel=0.05)  # 2 shards left, 1 finished in 110 s of activity
+
+
+class StartingDriver:
+    """`python -m jobs.recaption` on an embedded local Ray, its log in files, and every process it started (its
+    Ray's GCS, raylet, agents, workers), noted while it runs so that they can be checked gone after it exits."""
+
+    def __init__(self, manifest: Path, env: dict[str, str], logs: Path):
+        self.out_log, self.err_log = logs / "stdout.log", logs / "stderr.log"
+        with open(self.out_log, "w") as out, open(self.err_log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "jobs.recaption", str(manifest)], cwd=REPO, env=env,
+                                         stdout=out, stderr=err)
+        self.started: dict[int, psutil.Process] = {}
+
+    def note_children(self) -> list[str]:
+        """Note the driver's descendants; return their command lines."""
+        try:
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                self.started.setdefault(p.pid, p)
+        except psutil.NoSuchProcess:
+            pass
+        lines = []
+        for p in list(self.started.values()):
+            try:
+                lines.append(" ".join(p.cmdline()))
+            except psutil.Error:
+                pass
+        return lines
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the driver to exit, noting the processes it starts on the way (ray.init goes on starting
+        them after a held signal)."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.note_children()
+            time.sleep(0.01)
+        return self.proc.wait(timeout=1)
+
+    def left_behind(self, timeout: float) -> list[str]:
+        """Its processes still alive `timeout` s after it exited (Ray's shutdown stops them in the meantime)."""
+        _, alive = psutil.wait_procs(list(self.started.values()), timeout=timeout)
+        left = []
+        for p in alive:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{p.pid} {p.name()}")
+            except psutil.NoSuchProcess:
+                pass
+        return left
+
+    def stop(self) -> None:
+        """Kill the driver and whatever it started that is still there (only those: never another Ray)."""
+        if self.proc.poll() is None:
+            self.note_children()
+            self.proc.kill()
+        self.proc.wait(timeout=60)
+        for p in self.started.values():
+            try:
+                p.kill()  # psutil checks that the pid is still the process noted
+            except psutil.NoSuchProcess:
+                pass
+
+    def stderr(self) -> str:
+        return self.err_log.read_text(errors="replace")
+
+
+def _start_up_job(tmp_path: Path, shard_dir: Path, checkpoint: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A tiny job whose output is `~/out`, with HOME a folder of the test: `~` must be the home directory."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    manifest = write_manifest(tmp_path / "job.yaml", shards=f"{shard_dir}/{{00000..00001}}.tar", output="~/out",
+                              model=checkpoint, resources={"actors": 1, "num_cpus_per_actor": 1})
+    return manifest, home / "out", {**base_env(), "HOME": str(home)}
+
+
+def test_sigterm_at_any_moment_of_start_up_exits_143_and_releases_the_lease(tiny_checkpoint, shards, tmp_path):
+    """SIGTERM while the driver starts (lease taken, before ray.init; while ray.init starts the GCS, then the
+    raylet; while the actor loads the model): exit 143 saying to rerun, no lease left, no process of it left.
+    Before, ray.init's own SIGTERM handlers exited from inside its start-up: exit 15 or an abort (134) with a C++
+    stack, the lease or Ray's agents left behind."""
+    shard_dir, _ = shards
+    manifest, out, env = _start_up_job(tmp_path, shard_dir, tiny_checkpoint)
+    moments = {
+        "the lease is taken": lambda driver: (out / "_lease.json").exists(),
+        "its GCS has started": lambda driver: any("gcs_server" in c for c in driver.note_children()),
+        "its raylet has started": lambda driver: any("raylet/raylet" in c for c in driver.note_children()),
+        "its actor loads the model": lambda driver: any("ShardCaptioner" in c for c in driver.note_children()),
+    }
+    for moment, reached in moments.items():
+        logs = tmp_path / moment.replace(" ", "-")
+        logs.mkdir()
+        driver = StartingDriver(manifest, env, logs)
+        try:
+            wait_for(lambda driver=driver, reached=reached: reached(driver) or driver.proc.poll() is not None,
+                     300, f"the driver to reach: {moment}", 0.01)
+            assert driver.proc.poll() is None, (moment, driver.stderr()[-3000:])
+            driver.proc.send_signal(signal.SIGTERM)
+            rc = driver.wait(180)
+            stderr = driver.stderr()
+            assert rc == 143, (moment, rc, stderr[-3000:])
+            assert "rerun the same command to resume" in stderr and "Traceback" not in stderr, (moment, stderr[-3000:])
+            assert not (out / "_lease.json").exists(), moment
+            assert not driver.left_behind(60), (moment, driver.left_behind(0))
+        finally:
+            driver.stop()
+    assert not (REPO / "~").exists(), "a literal ~ folder was made"
+    status = subprocess.run([sys.executable, "-m", "jobs.status", "~/out", "--json"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and json.loads(status.stdout)["driver"] is None, status.stderr[-2000:]
+
+
+def test_ray_that_does_not_start_in_time_is_one_line(tiny_checkpoint, shards, tmp_path):
+    """A Ray start-up timeout (here the GCS given 0 s to publish its port, as a loaded machine can take longer
+    than Ray's 30 s) ends the driver with one line naming it, exit 2, the lease released, nothing left running."""
+    shard_dir, _ = shards
+    manifest, out, env = _start_up_job(tmp_path, shard_dir, tiny_checkpoint)
+    driver = StartingDriver(manifest, {**env, "RAY_gcs_server_port_wait_time_s": "0"}, tmp_path)
+    try:
+        proc = subprocess.CompletedProcess(driver.proc.args, driver.wait(300), "", driver.stderr())
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = _one_error_line(proc)
+        assert "the embedded local Ray (127.0.0.1) did not start: RuntimeError: Timed out" in line, line
+        assert not (out / "_lease.json").exists() and (out / "_job.json").exists()
+        assert not driver.left_behind(60), driver.left_behind(0)
+    finally:
+        driver.stop()

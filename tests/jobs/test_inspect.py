@@ -382,3 +382,44 @@ def test_sort_and_filter_by_clip_score(job_output, all_rows, tmp_path):
     # an output without scores: a score filter matches nothing
     assert all(r["clip_score"] is None for r in all_rows)
     assert report_cards(inspect(job_output, tmp_path / "none.html", "--min-score", "-1")) == []
+
+
+def test_unfinished_shards_show_their_committed_rows(job_output, all_rows, tmp_path, capsys):
+    """A shard still running (or interrupted) has no data file yet: its committed chunks are its rows, each key
+    once and from the first commit, as the finalizer merges them; a finished shard's leftover chunk adds nothing."""
+    from pipeline.writing import OutputStore
+
+    out = tmp_path / "out"
+    shutil.copytree(job_output, out)
+    store = OutputStore(str(out))
+    running = pq.read_table(out / "data" / "00001.parquet").to_pylist()
+    (out / "data" / "00001.parquet").unlink()
+    half = len(running) // 2
+    store.commit_chunk("00001", running[:half], attempt=1)
+    # attempt 2 committed the first key again (its actor died before the record said so): the first row counts
+    store.commit_chunk("00001", [{**running[0], "caption_en": "a later attempt's caption"}, *running[half:]],
+                       attempt=2)
+    # killed between the data file and the removal of its chunks: those rows are in the data file already
+    store.commit_chunk("00000", pq.read_table(out / "data" / "00000.parquet").to_pylist()[:2], attempt=1)
+
+    report = inspect(out, tmp_path / "report.html", "--sample", "0")
+    printed = capsys.readouterr().out
+    cards = report_cards(report)
+    assert sorted(c["key"] for c in cards) == sorted(r["key"] for r in all_rows)
+    text = report.read_text(encoding="utf-8")
+    assert "a later attempt&#x27;s caption" not in text and "a later attempt" not in text
+    for status in {r["status"] for r in all_rows}:
+        assert f"{status}={sum(r['status'] == status for r in all_rows)}" in text
+    note = f"{len(running)} of them committed by 1 unfinished shard)"
+    assert f"({len(all_rows)} rows; {note}" in text and f"({len(all_rows)} rows in 2 shards; {note}" in printed
+    for card in cards:  # the running shard's clips are re-decoded from the shard like any other
+        row = next(r for r in all_rows if r["key"] == card["key"])
+        assert len(card["imgs"]) == (4 if has_frames(row) else 0), card
+
+    only = report_cards(inspect(out, tmp_path / "only.html", "--shard", "00001", "--sample", "0"))
+    assert sorted(c["key"] for c in only) == sorted(r["key"] for r in running)
+    # what the finalizer will write is what inspect showed
+    store.finalize_shard("00001", {})
+    merged = pq.read_table(out / "data" / "00001.parquet").to_pylist()
+    assert sorted(r["key"] for r in merged) == sorted(c["key"] for c in only)
+    assert "a later attempt's caption" not in {r["caption_en"] for r in merged}

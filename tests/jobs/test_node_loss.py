@@ -3,8 +3,9 @@
 Each test starts its own two-node cluster on 127.0.0.1: `ray start --head` (1 CPU) and a second node,
 `ray start --address` (1 CPU), each with its own --temp-dir and free ports, token authentication on as in
 conftest.py's `ray_cluster`. The job asks for two actors of 1 CPU each, so one ShardCaptioner runs on each
-node (checked in each node's process tree). The GCS is told to give up a silent node within about five
-seconds (RAY_health_check_*; Ray's default is about half a minute).
+node (checked in each node's process tree). The GCS is told to give up a killed node within about five
+seconds, and one that is alive but slow to answer (a loaded machine) only after about a minute
+(HEALTH_CHECK; Ray's defaults: a ping every 3 s, 5 failures, a 10 s timeout).
 
 - Once a shard on the second node has committed a chunk, the second node's raylet and every process it
   started are killed with SIGKILL, by pid, as when a machine drops off the network. The driver must retry
@@ -35,6 +36,7 @@ import psutil
 import pytest
 
 from tests.jobs.conftest import (
+    RAY_START_TIMEOUT_S,
     VENV_BIN,
     assert_exactly_once,
     base_env,
@@ -47,11 +49,15 @@ from tests.jobs.test_chaos import Driver
 
 pytestmark = pytest.mark.slow
 
-START_TIMEOUT_S = 240  # driver start to the kill: two actors load the model on a loaded 2-core machine
-AFTER_KILL_S = 180  # the kill to the driver's exit: node death noticed (~5 s), two shards captioned again
-# The GCS pings each raylet every second and gives a node up after 5 missed answers (default: 3 s x 5 with a
-# 10 s timeout), so the actors of the dead node are reported dead within seconds.
-HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+# Bounds, met in well under a minute on a quiet machine; a 2-core box at load 8-12 needs minutes.
+START_TIMEOUT_S = 300  # driver start to the kill: two actors load the model on a loaded 2-core machine
+AFTER_KILL_S = 300  # the kill to the driver's exit: node death noticed (~5 s), two shards captioned again
+# The GCS pings each raylet every second and gives a node up after 5 failed pings in a row (default: every 3 s,
+# 5 failures, a 10 s timeout). A killed node refuses the ping at once, so its actors are reported dead within
+# about 5 s; a node that is alive but starved of CPU has 10 s to answer each ping (it had 2 s, and a 2-core box
+# at load 8-12 missed 5 in a row: "marked dead because the detector has missed too many heartbeats"), so it would
+# have to stay silent for about a minute.
+HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "10000",
                 "RAY_health_check_failure_threshold": "5", "RAY_health_check_initial_delay_ms": "1000"}
 READY_RE = re.compile(r"ShardCaptioner ready on pid (\d+)")
 # `ray start --address ...`, the CLI's own code, kept on loopback. With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what
@@ -165,7 +171,7 @@ class TwoNodes:
                     "--dashboard-port", str(free_port())]
         else:
             cmd = [sys.executable, "-c", RAY_START_ON_LOOPBACK, *cmd[1:], "--address", self.gcs]
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=RAY_START_TIMEOUT_S)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         return node
 
@@ -270,12 +276,16 @@ def test_node_killed_mid_shard_job_finishes_on_the_head(two_nodes, tiny_checkpoi
 
 def test_node_killed_while_its_actor_loads_the_model(two_nodes, tiny_checkpoint, shards, tmp_path):
     """The second node dies before its actor has loaded the model: that is a lost actor, not a model that
-    cannot load (which ends the job with exit 2); the job goes on with the head's actor, nothing is charged."""
+    cannot load (which ends the job with exit 2); the job goes on with the head's actor, nothing is charged.
+
+    The head's actor is paused (SIGSTOP) from the kill until the driver has seen the death: otherwise, on a
+    quiet machine, it could finish every shard before the GCS gives the killed node up (about 5 s)."""
     shard_dir, planted = shards
     names = ["00000", "00001", "00002", "00003"]
     head, node = two_nodes.nodes
     out = tmp_path / "out"
     driver = _start_job(two_nodes, tiny_checkpoint, shard_dir, names, tmp_path)
+    paused: set[int] = set()
     try:
         starting = wait_for(node.actor_pids, START_TIMEOUT_S, "the actor on the second node to be created", 0.05)
         killed = node.kill()  # the model takes seconds to load: the actor is still in its __init__
@@ -283,10 +293,16 @@ def test_node_killed_while_its_actor_loads_the_model(two_nodes, tiny_checkpoint,
         assert starting <= killed
         running = {(st or {}).get("pid") for st in (shard_state(out, n) for n in names)}
         assert not running & starting, "the second node's actor had already started a shard"
-        head_actors = wait_for(head.actor_pids, 60, "a ShardCaptioner on the head")
+        head_actors = paused = wait_for(head.actor_pids, 60, "a ShardCaptioner on the head")
+        _signal_all(head, paused, signal.SIGSTOP)
+        wait_for(lambda: "an actor died while starting" in driver.log_path.read_text(errors="replace")
+                 or driver.proc.poll() is not None, AFTER_KILL_S, "the driver to see the actor die", 0.2)
+        _signal_all(head, paused, signal.SIGCONT)
+        paused = set()
         _check_run(driver, out, planted, names, {"at": at, "lost": [], "head_actors": head_actors})
         took = time.monotonic() - at
     finally:
+        _signal_all(head, paused, signal.SIGCONT)
         driver.kill()
     log = driver.log_path.read_text(errors="replace")
     assert "an actor died while starting" in log and "could not load the model" not in log, log[-3000:]
@@ -332,7 +348,7 @@ def test_node_comes_back_mid_job(two_nodes, tiny_checkpoint, six_shards, tmp_pat
         _signal_all(head, paused, signal.SIGSTOP)
         wait_for(lambda: all(f"shard {n} attempt 1 failed" in driver.log_path.read_text(errors="replace")
                              for n in kill["lost"]) or driver.proc.poll() is not None,
-                 90, "the driver to requeue the lost shards", 0.2)
+                 120, "the driver to requeue the lost shards", 0.2)
         back = two_nodes.start_node()  # a fresh node: new temp dir, new ports
 
         def moved():

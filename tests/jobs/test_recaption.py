@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,6 +21,7 @@ from tests.jobs.conftest import (
     read_output,
     run_job,
     shard_state,
+    submit_job,
     wait_for,
     write_manifest,
 )
@@ -32,16 +32,10 @@ pytestmark = pytest.mark.slow
 def test_ray_job_submit_demo_manifest(ray_cluster, tiny_checkpoint, shards, tmp_path):
     shard_dir, planted = shards
     out = tmp_path / "out"
-    submit = [
-        str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ".",
-        "--", "python", "-m", "jobs.recaption", "manifests/demo.yaml",
-        "--shards", f"{shard_dir}/{{00000..00001}}.tar", "--output", str(out), "--model", str(tiny_checkpoint),
-    ]
-    for _ in range(40):  # the job agent may be (re)registering with the head on a loaded machine
-        proc = subprocess.run(submit, cwd=REPO, env=ray_cluster["env"], capture_output=True, text=True, timeout=600)
-        if "No available agent to submit job" not in proc.stdout + proc.stderr:
-            break
-        time.sleep(3)
+    proc = submit_job(["--address", ray_cluster["dashboard"], "--working-dir", ".",
+                       "--", "python", "-m", "jobs.recaption", "manifests/demo.yaml",
+                       "--shards", f"{shard_dir}/{{00000..00001}}.tar", "--output", str(out),
+                       "--model", str(tiny_checkpoint)], ray_cluster["env"])
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", log)

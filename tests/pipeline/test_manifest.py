@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import ManifestError, fingerprint, load_manifest, manifest_from_dict, resolve_paths
+from pipeline.manifest import (
+    ManifestError,
+    fingerprint,
+    load_manifest,
+    manifest_from_dict,
+    resolve_paths,
+    split_shard_list,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {"shards": "s/{00000..00001}.tar", "output": "out", "model": {"path": "ckpt"}}
@@ -87,6 +94,30 @@ def test_resolve_paths_keeps_urls_and_absolutises_local(tmp_path):
     r = resolve_paths(m, tmp_path)
     assert r.shards == ["s3://b/{00000..00002}.tar", f"{tmp_path.resolve()}/local/{{0..1}}.tar", "/abs/x.tar"]
     assert r.output == str(tmp_path.resolve() / "out") and r.model.path == str(tmp_path.resolve() / "ckpt")
+
+
+def test_shards_string_is_a_comma_separated_list_as_the_flag_takes(tmp_path):
+    text = "s3://b/{00000..00001}.tar, local/a.tar ,,/abs/b.tar"
+    m = load_manifest(write(tmp_path, f"shards: '{text}'\noutput: o\nmodel: {{path: m}}\n"))
+    assert m.shards == ["s3://b/{00000..00001}.tar", "local/a.tar", "/abs/b.tar"] == split_shard_list(text)
+    listed = load_manifest(write(tmp_path, "shards: ['a,b.tar', c.tar]\noutput: o\nmodel: {path: m}\n"))
+    assert listed.shards == ["a,b.tar", "c.tar"]  # a YAML list keeps each item whole: a path with a comma
+    with pytest.raises(ManifestError, match="'shards' must name at least one shard"):
+        load_manifest(write(tmp_path, "shards: ' , '\noutput: o\nmodel: {path: m}\n"))
+
+
+def test_home_is_expanded_in_every_local_path(tmp_path, monkeypatch):
+    from pipeline.writing import OutputStore
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    m = manifest_from_dict({"shards": "~/s/{0..1}.tar, s3://b/~x.tar", "output": "~/out", "model": {"path": "~/ckpt"},
+                            "score": {"model": "~/clip"}, "zh": {"mode": "mt", "mt_model": "~/mt"}})
+    r = resolve_paths(m, tmp_path / "cwd")
+    assert r.shards == [f"{home}/s/{{0..1}}.tar", "s3://b/~x.tar"]
+    assert (r.output, r.model.path, r.score.model, r.zh.mt_model) == tuple(
+        str(home / name) for name in ("out", "ckpt", "clip", "mt"))
+    assert OutputStore("~/out").root == str(home / "out")  # `recaption status ~/out`, `inspect` too
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from pipeline.progress import ERROR_REASONS, JOB_FILE, read_shard_list
 from pipeline.rows import top_reasons
 from pipeline.shards import expand_shard_spec, shard_name
 from pipeline.stats import COMMITTED, FLAGS, INPUT_FLAGS, MEMBERS_SKIPPED, REPAIRED
-from pipeline.writing import OutputStore
+from pipeline.writing import OutputStorageError, OutputStore
 
 SHOWN_STATES = ("done", "running", "interrupted", "failed", "pending")
 TOP_REASONS_JOB = 10  # failure reasons listed for the whole job, most frequent first
@@ -302,10 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
     store = OutputStore(args.output)
-    if not store.exists(store.path(JOB_FILE)) and not store.exists(store.path("data")):
-        print(f"error: {args.output} is not a job output (no {JOB_FILE})", file=sys.stderr)
-        return 2
-    report = collect_status(store)
+    try:
+        if not store.exists(store.path(JOB_FILE)) and not store.exists(store.path("data")):
+            print(f"error: {args.output} is not a job output (no {JOB_FILE})", file=sys.stderr)
+            return 2
+        report = collect_status(store)
+    except OutputStorageError as e:  # no access to the output (credentials, a policy): one line, as the job's
+        print(f"error: output storage: {e}", file=sys.stderr)
+        return 4  # jobs.recaption.EXIT_STORAGE (not imported: that module pulls in the job's dependencies)
     try:
         print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report), flush=True)
     except BrokenPipeError:  # `recaption status OUT | head`: the reader has what it wanted

@@ -165,3 +165,13 @@ def test_a_driver_whose_output_bucket_refuses_writes_ends_with_one_line_and_exit
     [line] = _error_lines(proc.stderr)
     assert line.startswith("error: output storage: cannot write s3://out/readonly/"), line
     assert "AccessDenied: Access Denied" in line, line
+
+
+def test_status_on_an_output_it_cannot_read_is_one_line(guarded_s3):
+    """`recaption status` with credentials the store refuses: one line naming the object, exit 4, no traceback."""
+    env = {**guarded_s3["env"], "AWS_ACCESS_KEY_ID": "AKIANOSUCHUSER000000"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.status", "s3://out/refused"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_STORAGE, proc.stderr[-3000:]
+    [line] = _error_lines(proc.stderr)
+    assert line.startswith("error: output storage: cannot read s3://out/refused/"), line

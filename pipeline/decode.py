@@ -48,11 +48,15 @@ def _limit_address_space(headroom: int) -> None:
     """Cap this process's address space (RLIMIT_AS) at its current size plus ``headroom`` bytes."""
     import resource
 
-    with open("/proc/self/statm") as statm:
-        size = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    size = _address_space()
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = size + headroom if hard == resource.RLIM_INFINITY else min(size + headroom, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _address_space() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, num_frames: int, size: int,
@@ -61,11 +65,13 @@ def _worker_main(conn: multiprocessing.connection.Connection, num_frames: int, s
     # decord and ffmpeg log to stderr, sometimes with bytes of the (untrusted) file: silence them here.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    baseline = 0
     if memory_headroom is not None:
         import av  # noqa: F401 - the decoders' libraries are mapped before the cap is measured
         import decord  # noqa: F401
 
         _limit_address_space(memory_headroom)
+        baseline = _address_space()
     while True:
         try:
             mp4 = conn.recv_bytes()
@@ -76,7 +82,12 @@ def _worker_main(conn: multiprocessing.connection.Connection, num_frames: int, s
         except Exception as err:  # noqa: BLE001 - reported, the worker lives on
             result = DecodeFailure(f"unexpected error while decoding: {type(err).__name__}: {err}"[:300])
         if isinstance(result, DecodeFailure):
-            conn.send_bytes(json.dumps({"failure": result.reason}).encode())
+            # A clip that ran into the cap can leave the heap grown (freed, not returned): the next clip would
+            # fail for want of room (seen: a thread not created, EAGAIN). Such a decoder asks to be replaced.
+            spent = memory_headroom is not None and _address_space() - baseline > memory_headroom // 4
+            conn.send_bytes(json.dumps({"failure": result.reason, "replace": spent}).encode())
+            if spent:
+                return
             continue
         header = {
             "shape": list(result.frames.shape), "fps": result.fps, "num_frames": result.num_frames,
@@ -284,6 +295,8 @@ class DecodePool:
             header = json.loads(worker.conn.recv_bytes())
             if "failure" in header:
                 job.result = DecodeFailure(str(header["failure"]))
+                if header.get("replace"):  # its address space is spent (see _worker_main): a fresh one
+                    self._replace(worker)
             else:
                 job.result = _receive_frames(worker.conn, header)
             worker.job = None

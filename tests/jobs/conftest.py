@@ -30,13 +30,23 @@ VENV_BIN = Path(sys.executable).parent
 # met in seconds on a quiet machine.
 RAY_START_TIMEOUT_S = 300
 AGENT_WAIT_S = 180
+START_TRIES = 3  # `ray start` on fresh ports, when another Ray took one of ours first
 NO_AGENT = "No available agent to submit job"  # Ray's answer while the head has no job agent registered
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one this test session handed out before: the kernel can offer the port it just
+    freed again, and one cluster got the same port for its GCS and its metrics (`ray start` then failed)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def base_env() -> dict[str, str]:
@@ -44,6 +54,9 @@ def base_env() -> dict[str, str]:
     env.update(
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
+        # Every worker's log line reaches the driver's output: tests read actor lines (pids, "ready") from it,
+        # and Ray's dedup folds lines that differ only in numbers into "[repeated 2x across cluster]".
+        RAY_DEDUP_LOGS="0",
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         PYTHONUNBUFFERED="1",
     )
@@ -82,7 +95,6 @@ def ray_cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray")
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
-    gcs_port, dash_port, metrics_port = free_port(), free_port(), free_port()
     env = base_env()
     # metrics pushed to the node's exporter every second (default 10 s), so a short test job shows up
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_metrics_report_interval_ms="1000")
@@ -92,13 +104,28 @@ def ray_cluster(tmp_path_factory):
                AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     # Its own short temp dir: the cluster's processes name it, so teardown stops exactly these processes
     # (`ray stop` would stop every Ray on the machine, other test runs' and users' included).
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    agent_port = free_port()
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", temp_dir,
-           "--node-ip-address", "127.0.0.1", "--port", str(gcs_port), "--metrics-export-port", str(metrics_port),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), *own_ports(agent_port)]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=RAY_START_TIMEOUT_S)
-    wait_for_job_agent(f"http://127.0.0.1:{dash_port}", agent_port, env)
+    # A free port can be taken by another Ray starting on the box before ours binds it (other test runs, CI beside
+    # a developer): a start that fails is stopped and tried again on fresh ports, up to START_TRIES times.
+    for attempt in range(1, START_TRIES + 1):
+        temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+        gcs_port, dash_port, metrics_port, agent_port = free_port(), free_port(), free_port(), free_port()
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--temp-dir",
+               temp_dir, "--node-ip-address", "127.0.0.1", "--port", str(gcs_port), "--metrics-export-port",
+               str(metrics_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+               *own_ports(agent_port)]
+        try:
+            subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=RAY_START_TIMEOUT_S)
+            if wait_for_job_agent(f"http://127.0.0.1:{dash_port}", agent_port, env):
+                break
+            failure = "its job agent did not come up"
+        except subprocess.CalledProcessError as e:
+            failure = f"ray start exited {e.returncode}: {(e.stderr or b'').decode(errors='replace')[-2000:]}"
+        except subprocess.TimeoutExpired:
+            failure = f"ray start took over {RAY_START_TIMEOUT_S} s"
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if attempt == START_TRIES:
+            raise RuntimeError(f"the test cluster did not start in {START_TRIES} tries; last: {failure}")
     cluster = {
         "env": env,
         "gcs": f"127.0.0.1:{gcs_port}",
@@ -125,7 +152,7 @@ def own_ports(agent_port: int) -> list[str]:
             "--min-worker-port", "0", "--max-worker-port", "0"]
 
 
-def wait_for_job_agent(dashboard: str, agent_port: int, env: dict[str, str]) -> None:
+def wait_for_job_agent(dashboard: str, agent_port: int, env: dict[str, str]) -> bool:
     """Wait until the job API answers and the head's job agent listens (it registers with the head right after):
     on a loaded machine both can come up well after `ray start` returns, as an operator would wait."""
     deadline = time.time() + RAY_START_TIMEOUT_S
@@ -138,8 +165,9 @@ def wait_for_job_agent(dashboard: str, agent_port: int, env: dict[str, str]) -> 
     while time.time() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", agent_port)) == 0:
-                return
+                return True
         time.sleep(0.5)
+    return False
 
 
 def submit_job(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:

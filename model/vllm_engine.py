@@ -2,7 +2,8 @@
 
     engine = VllmEngine(loaded, identity=..., max_len=..., settings=VllmSettings(...), cache_root=None)
     engine.submit(Request(...)); engine.busy; engine.step() -> completions as they finish; engine.flush();
-    len(engine.waiting); engine.stats (an `EngineStats`); engine.close()
+    len(engine.waiting); engine.stats (an `EngineStats`: steps, prefills, completions, useful tokens);
+    engine.close(); engine.name ("vllm") and engine.version (vLLM's) for the run's record
 
 `pipeline/scheduler.py` drives either engine. vLLM runs the LANGUAGE MODEL ONLY, through its step-wise
 `LLMEngine` (add requests, step, read finished outputs: never one blocking `generate` per batch). Our code

@@ -1,6 +1,9 @@
 """One continuous-batching engine fed by every shard an actor holds: English and Chinese in one scheduler.
 
-`CaptionService` owns a `model.engine.CaptionEngine` and a model thread. Shard runners `open()` a `Ticket`,
+`CaptionService` owns an engine and a model thread. The engine is the native `model.engine.CaptionEngine` or
+vLLM's (`model.vllm_engine.VllmEngine`), as `generation.engine` chooses (pipeline/engine_choice.py); both take
+`submit(Request)`, `step()` -> finished `Completion`s, `flush()`, `busy`, `waiting`, so everything below
+drives either the same way. Shard runners `open()` a `Ticket`,
 `submit()` decoded clips to it and take finished rows from it as they complete (not in input order). On the
 model thread each clip goes: CLIP (in batches of `generation.batch_size`) → its English request → as soon as
 that finishes, its Chinese request (translate: text-only prompt over the English caption; direct: a second
@@ -15,6 +18,7 @@ engine never takes a shard down: the clips in flight are captioned again one by 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -30,7 +34,9 @@ import torch
 from model.engine import CaptionEngine, Request, slots_for_memory
 from model.generation import Generation
 from pipeline.captioning import Captioner
+from pipeline.engine_choice import VLLM, EngineChoice, choose_engine, vllm_version
 from pipeline.frames import DecodedClip
+from pipeline.manifest import VllmSpec
 from pipeline.prompt_fields import FIELDS
 from pipeline.repair import Attempt, GenSettings, best, max_budget, next_settings
 from pipeline.shards import Sample
@@ -119,11 +125,22 @@ def choose_slots(captioner: Captioner, max_len: int) -> int:
     return slots_for_memory(captioner.loaded, max_len, free, cap=requested or MAX_CUDA_SLOTS)
 
 
+def vllm_settings(spec: VllmSpec, device: str) -> Any:
+    """`generation.vllm` as model/vllm_engine.py takes it (model/ does not import pipeline/)."""
+    from model.vllm_engine import VllmSettings
+
+    fields = dataclasses.asdict(spec)
+    if not device.startswith("cuda"):
+        fields["tensor_parallel_size"] = 1  # vLLM's CPU build: one process; the actor has no GPUs to split over
+    return VllmSettings(**fields)
+
+
 class CaptionService:
     def __init__(self, captioner: Captioner, *, num_slots: int | None = None, threaded: bool = True):
         self.captioner = captioner
         m = captioner.settings
         self.max_len = token_budget(captioner)
+        self.engine_choice: EngineChoice = choose_engine(m.generation.engine, captioner.device, vllm_version())
         self.num_slots = num_slots or choose_slots(captioner, self.max_len)
         self.engine = self._new_engine()
         self._cv = threading.Condition()
@@ -146,10 +163,24 @@ class CaptionService:
                                             name="caption-engine", daemon=True)
             self._thread.start()
 
-    def _new_engine(self) -> CaptionEngine:
-        g = self.captioner.settings.generation
-        return CaptionEngine(self.captioner.loaded, self.num_slots, self.max_len, sync_every=g.sync_every,
-                             use_cuda_graphs=g.cuda_graphs and self.captioner.device != "cpu")
+    def _new_engine(self) -> Any:
+        """The engine `engine_choice` names. vLLM is imported only here: the project runs without it."""
+        c, g = self.captioner, self.captioner.settings.generation
+        if self.engine_choice.kind == VLLM:
+            from model.vllm_engine import VllmEngine
+
+            return VllmEngine(c.loaded, identity=self._model_identity(), max_len=self.max_len,
+                              settings=vllm_settings(g.vllm, c.device))
+        return CaptionEngine(c.loaded, self.num_slots, self.max_len, sync_every=g.sync_every,
+                             use_cuda_graphs=g.cuda_graphs and c.device != "cpu")
+
+    def _model_identity(self) -> str:
+        """The checkpoint's content digest: the driver's (CaptionSettings.model_identity), else hashed here (a
+        service built outside a job: tests, benchmarks; the per-file hashes are cached, pipeline/model_identity.py)."""
+        from pipeline.model_identity import model_identity
+
+        m = self.captioner.settings
+        return m.model_identity or model_identity(m.model.path).digest
 
     # ---- shard side
 

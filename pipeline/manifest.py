@@ -34,7 +34,7 @@ DUPLICATE_KEY_POLICIES = ("keep_first", "refuse")
 # Which engine generates (pipeline/engine_choice.py): auto is vLLM when it is installed and the actor has a CUDA
 # device, else the native engine (model/engine.py).
 ENGINES = ("native", "vllm", "auto")
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; auto: the model's dtype
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: vLLM's FP8 KV cache
 
 
 class ManifestError(ValueError):
@@ -69,7 +69,7 @@ class VllmSpec:
     # (CLIP, projector, the clips' features in flight).
     gpu_memory_utilization: float = 0.8
     kv_cache_dtype: str = "auto"  # fp8: half the KV bytes read per decode step
-    max_num_seqs: int | None = None  # sequences decoded together; None: vLLM's default
+    max_num_seqs: int | None = None  # sequences decoded together; None: model/vllm_engine.py's default (128)
     max_num_batched_tokens: int | None = None  # tokens per engine step (chunked prefill); None: vLLM's default
     enforce_eager: bool = False  # true: no CUDA graphs
     tensor_parallel_size: int | None = None  # None: the actor's GPUs (resources.num_gpus_per_actor)

@@ -61,7 +61,7 @@ def test_neither_the_engine_nor_its_settings_change_the_fingerprint():
     base = manifest(resources={"num_gpus_per_actor": 2})
     digest, parts = fingerprint(base, "sha256:0123", "v1")
     for generation in ({"engine": "native"}, {"engine": "vllm"}, {"engine": "vllm", "vllm": VLLM_FIELDS},
-                       {"engine": "auto", "vllm": {"kv_cache_dtype": "fp8_e5m2"}}):
+                       {"engine": "auto", "vllm": {"kv_cache_dtype": "fp8"}}):
         other = manifest(generation=generation, resources={"num_gpus_per_actor": 2})
         assert fingerprint(other, "sha256:0123", "v1") == (digest, parts), generation
     assert "engine" not in str(parts) and "vllm" not in str(parts)
@@ -142,3 +142,19 @@ def test_each_attempt_records_its_engine(tmp_path):
     assert [(e["attempt"], e["engine"], e["version"]) for e in engines] == [(1, "vllm", "vllm 0.33.0"),
                                                                            (2, "native", native.version)]
     assert all(e["reason"] and e["host"] for e in engines)
+
+
+def test_the_manifest_settings_are_the_engines():
+    """generation.vllm maps field for field onto model/vllm_engine.py's VllmSettings (importable without vLLM)."""
+    from model.vllm_engine import KV_CACHE_DTYPES as ENGINE_KV_DTYPES
+    from model.vllm_engine import VllmSettings
+    from pipeline.manifest import KV_CACHE_DTYPES, VllmSpec
+    from pipeline.scheduler import vllm_settings
+
+    assert set(VllmSettings.field_names()) == set(VllmSpec.__dataclass_fields__)
+    assert KV_CACHE_DTYPES == ENGINE_KV_DTYPES
+    spec = manifest(generation={"vllm": VLLM_FIELDS}, resources={"num_gpus_per_actor": 2}).generation.vllm
+    assert {k: getattr(vllm_settings(spec, "cuda"), k) for k in VLLM_FIELDS} == VLLM_FIELDS
+    assert vllm_settings(spec, "cpu").tensor_parallel_size == 1  # the CPU build runs one process
+    default = vllm_settings(CaptionSettings.from_manifest(manifest()).generation.vllm, "cuda")
+    assert default == VllmSettings()  # a manifest without generation.vllm gets the engine's defaults

@@ -6,7 +6,9 @@
 
 Both give the same captions (tests/pipeline/test_vllm_parity.py), so neither the engine nor its settings are
 in the output's fingerprint; the engine and its version are recorded per shard attempt (pipeline/progress.py).
-No vLLM import here (the driver uses this and must start fast; the project runs without vLLM).
+No vLLM import here (the driver uses this and must start fast; the project runs without vLLM): "installed"
+means a `vllm` module is found. One that is found but does not import (a dependency missing) fails the actor's
+start with the ImportError named, under `auto` too, rather than quietly running the slower engine.
 """
 
 from __future__ import annotations

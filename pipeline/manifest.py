@@ -399,6 +399,12 @@ def _check_values(m: Manifest, source: str) -> None:
         raise bad("generation.vllm.gpu_memory_utilization",
                   f"must be a share of the GPU's memory, > 0 and <= 1, got {m.generation.vllm.gpu_memory_utilization}")
     tp, gpus = m.generation.vllm.tensor_parallel_size, m.resources.num_gpus_per_actor
+    share = m.generation.vllm.gpu_memory_utilization
+    if m.generation.engine == "vllm" and 0 < gpus < 1 and share > gpus:
+        # each vLLM takes `share` of the whole card: actors sharing one would not all start
+        raise bad("generation.vllm.gpu_memory_utilization",
+                  f"is {share:g} but each actor gets {gpus:g} of a GPU (resources.num_gpus_per_actor); the actors "
+                  f"sharing a card would not all start: set it below {gpus:g}, leaving the vision side its memory")
     if tp is not None and tp > max(1, math.floor(gpus)):
         raise bad("generation.vllm.tensor_parallel_size",
                   f"is {tp} but each actor gets {gpus:g} GPU(s) (resources.num_gpus_per_actor); set "

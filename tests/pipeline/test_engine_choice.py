@@ -22,6 +22,12 @@ def manifest(**changes):
     return manifest_from_dict({**MINIMAL, **changes})
 
 
+def test_actors_sharing_a_gpu_may_each_take_their_share():
+    m = manifest(generation={"engine": "vllm", "vllm": {"gpu_memory_utilization": 0.4}},
+                 resources={"num_gpus_per_actor": 0.5})
+    assert CaptionSettings.from_manifest(m).generation.vllm.tensor_parallel_size == 1
+
+
 def test_defaults_and_every_field_read():
     m = manifest()
     assert m.generation.engine == "auto"
@@ -50,6 +56,8 @@ def test_defaults_and_every_field_read():
     ({"vllm": {"tensor_parallel_size": 2}}, {"num_gpus_per_actor": 0.5},
      "field 'generation.vllm.tensor_parallel_size' is 2 but each actor gets 0.5 GPU(s)"),
     ({"vllm": "fast"}, {}, "field 'generation.vllm' must be a mapping"),
+    ({"engine": "vllm"}, {"num_gpus_per_actor": 0.5},
+     "field 'generation.vllm.gpu_memory_utilization' is 0.8 but each actor gets 0.5 of a GPU"),
 ])
 def test_mistyped_fields_are_refused_in_one_line(generation, resources, needle):
     with pytest.raises(ManifestError) as e:

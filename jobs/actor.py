@@ -41,6 +41,7 @@ class ShardCaptioner:
             self.file_metadata = file_metadata
             self.captioner = Captioner(settings.caption)
             self.service = CaptionService(self.captioner)
+            self.log.info("engine: %s", self.service.engine_choice.describe())  # which, its version, why
             self._engine_seen = self.service.stats.snapshot()
             self.settings = settings.shard
             self.store = OutputStore(settings.output, settings.shard.storage)

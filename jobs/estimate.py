@@ -32,8 +32,8 @@ from jobs.recaption import (
 )
 from pipeline.estimate import count_clips, pick_shards, project
 from pipeline.manifest import ManifestError, load_manifest, resolve_paths
-from pipeline.model_identity import checkpoint_files
-from pipeline.preflight import SetupError, check_shards
+from pipeline.model_identity import checkpoint_files, model_identity
+from pipeline.preflight import SetupError, check_engine, check_shards
 from pipeline.settings import ActorSettings
 from pipeline.shards import ShardReadError, expand_shard_spec
 
@@ -58,6 +58,7 @@ def estimate(m: Any, sample: int, gpu_hour_price: float | None) -> dict[str, Any
     checkpoint_files(m.model.path)
     shards = check_shards(expand_shard_spec(m.shards), m.storage)
     check_device_setting(m)
+    check_engine(m.generation)
     size = count_clips(shards, m.storage)
     picks = pick_shards(shards, sample)
     ray = connect_ray()
@@ -67,7 +68,7 @@ def estimate(m: Any, sample: int, gpu_hour_price: float | None) -> dict[str, Any
     check_cluster(m, resources)
     n_actors, num_gpus, num_cpus = actor_count(m, resources, len(shards))
     actor = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0).remote(
-        ActorSettings.from_manifest(m), {})
+        ActorSettings.from_manifest(m, model_identity=model_identity(m.model.path).digest), {})
     try:
         info = ray.get(actor.ready.remote())
         if info.get("error"):

@@ -30,7 +30,7 @@ from pipeline.dataset_card import write_dataset_card
 from pipeline.lease import LeaseHeld, acquire
 from pipeline.manifest import Manifest, ManifestError, load_manifest, resolve_paths, split_shard_list
 from pipeline.model_identity import checkpoint_files
-from pipeline.preflight import SetupError, check_shards, check_unique_keys
+from pipeline.preflight import SetupError, check_engine, check_shards, check_unique_keys
 from pipeline.progress import (
     JOB_FILE,
     FingerprintMismatch,
@@ -281,6 +281,7 @@ def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0, forc
     if m.duplicate_keys == "refuse":
         check_unique_keys(shards, m.storage)
     check_device_setting(m)
+    check_engine(m.generation)
     if redo and store.read_json(store.path(JOB_FILE)) is None:
         raise SetupError(f"--redo needs an existing output; {m.output} has no {JOB_FILE}")
     lease = acquire(store, force=force)
@@ -412,7 +413,8 @@ class _Dispatcher:
         # Actors open the output and the shards with the manifest's `storage` settings, passed explicitly
         # (credentials never travel: each node's own environment, config or role provides them).
         self.actor_cls = ShardCaptioner.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)
-        self.actor_settings = ActorSettings.from_manifest(m)
+        # the content identity the driver computed: the actors' vLLM export cache is keyed by it (no re-hashing)
+        self.actor_settings = ActorSettings.from_manifest(m, model_identity=ident.model_digest)
         self.policy = RetryPolicy.from_manifest(m)
         # The actor enforces shard_timeout_s between samples; a shard stuck inside a read or a decode that
         # never returns is stopped here by killing its actor (then retried like any actor death).

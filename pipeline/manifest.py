@@ -32,6 +32,10 @@ DECODE_MODES = ("thread", "process")
 # A key already in another shard of the output: keep the first row and give the later sample a `duplicate` row,
 # or refuse, at preflight, a job whose shards repeat a key (pipeline/key_claims.py).
 DUPLICATE_KEY_POLICIES = ("keep_first", "refuse")
+# Which engine generates (pipeline/engine_choice.py): auto is vLLM when it is installed and the actor has a CUDA
+# device, else the native engine (model/engine.py).
+ENGINES = ("native", "vllm", "auto")
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: vLLM's FP8 KV cache
 
 
 class ManifestError(ValueError):
@@ -59,6 +63,20 @@ class PromptSpec:
 
 
 @dataclass(frozen=True)
+class VllmSpec:
+    """Settings of the vLLM engine (generation.engine vllm). None of them changes a caption (not fingerprinted)."""
+
+    # Share of each GPU's memory vLLM takes (weights, KV cache, activations); the rest is the vision side's
+    # (CLIP, projector, the clips' features in flight).
+    gpu_memory_utilization: float = 0.8
+    kv_cache_dtype: str = "auto"  # fp8: half the KV bytes read per decode step
+    max_num_seqs: int | None = None  # sequences decoded together; None: model/vllm_engine.py's default (128)
+    max_num_batched_tokens: int | None = None  # tokens per engine step (chunked prefill); None: vLLM's default
+    enforce_eager: bool = False  # true: no CUDA graphs
+    tensor_parallel_size: int | None = None  # None: the actor's GPUs (resources.num_gpus_per_actor)
+
+
+@dataclass(frozen=True)
 class GenerationSpec:
     max_new_tokens: int = 400
     repetition_penalty: float | None = None
@@ -68,6 +86,8 @@ class GenerationSpec:
     slots: int | None = None
     sync_every: int = 4  # decode steps between host synchronisations
     cuda_graphs: bool = True  # decode step under CUDA graphs on CUDA (false: eager); ignored on a CPU
+    engine: str = "auto"  # native | vllm | auto (pipeline/engine_choice.py); not fingerprinted
+    vllm: VllmSpec = field(default_factory=VllmSpec)
 
 
 @dataclass(frozen=True)
@@ -335,6 +355,8 @@ def _check_values(m: Manifest, source: str) -> None:
         ("zh.variant", m.zh.variant, ZH_VARIANTS),
         ("decode.mode", m.decode.mode, DECODE_MODES),
         ("duplicate_keys", m.duplicate_keys, DUPLICATE_KEY_POLICIES),
+        ("generation.engine", m.generation.engine, ENGINES),
+        ("generation.vllm.kv_cache_dtype", m.generation.vllm.kv_cache_dtype, KV_CACHE_DTYPES),
     ]:
         if value not in allowed:
             raise bad(name, f"is {value!r}; allowed: {', '.join(allowed)}")
@@ -363,6 +385,9 @@ def _check_values(m: Manifest, source: str) -> None:
         positive.append(("resources.actors", m.resources.actors))
     if m.generation.slots is not None:
         positive.append(("generation.slots", m.generation.slots))
+    for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+        if getattr(m.generation.vllm, name) is not None:
+            positive.append((f"generation.vllm.{name}", getattr(m.generation.vllm, name)))
     for name, value in positive:
         if value <= 0:
             raise bad(name, f"must be > 0, got {value}")
@@ -377,6 +402,20 @@ def _check_values(m: Manifest, source: str) -> None:
         raise bad("retry", "stream_retries and watchdog_margin_s must be >= 0")
     if m.resources.num_gpus_per_actor < 0 or m.resources.num_cpus_per_actor < 0:
         raise bad("resources", "num_gpus_per_actor and num_cpus_per_actor must be >= 0")
+    if not 0 < m.generation.vllm.gpu_memory_utilization <= 1:
+        raise bad("generation.vllm.gpu_memory_utilization",
+                  f"must be a share of the GPU's memory, > 0 and <= 1, got {m.generation.vllm.gpu_memory_utilization}")
+    tp, gpus = m.generation.vllm.tensor_parallel_size, m.resources.num_gpus_per_actor
+    share = m.generation.vllm.gpu_memory_utilization
+    if m.generation.engine == "vllm" and 0 < gpus < 1 and share > gpus:
+        # each vLLM takes `share` of the whole card: actors sharing one would not all start
+        raise bad("generation.vllm.gpu_memory_utilization",
+                  f"is {share:g} but each actor gets {gpus:g} of a GPU (resources.num_gpus_per_actor); the actors "
+                  f"sharing a card would not all start: set it below {gpus:g}, leaving the vision side its memory")
+    if tp is not None and tp > max(1, math.floor(gpus)):
+        raise bad("generation.vllm.tensor_parallel_size",
+                  f"is {tp} but each actor gets {gpus:g} GPU(s) (resources.num_gpus_per_actor); set "
+                  f"resources.num_gpus_per_actor: {tp}, or leave tensor_parallel_size out (default: the actor's GPUs)")
     if m.generation.repetition_penalty is not None and m.generation.repetition_penalty <= 0:
         raise bad("generation.repetition_penalty", "must be > 0 or null")
     if m.prompts.zh_translate is not None and "{caption}" not in m.prompts.zh_translate:

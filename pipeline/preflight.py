@@ -3,7 +3,7 @@
 Shards: globs in local paths are expanded (sorted) and refused when they match nothing; globs in URLs are
 refused (no listing of remote stores here: use a brace range); a missing local shard or a directory is
 refused; the first remote shard must answer. Two shards may not share a name (they would share an output
-file).
+file). `generation.engine: vllm` needs vLLM installed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 
-from pipeline.manifest import StorageSpec
+from pipeline.engine_choice import VLLM, vllm_missing_message, vllm_version
+from pipeline.manifest import GenerationSpec, StorageSpec
 from pipeline.shards import ShardReadError, open_shard_stream, safe_url, shard_name
 
 _GLOB_CHARS = ("*", "?", "[")
@@ -83,6 +84,13 @@ def check_shards(urls: list[str], storage: StorageSpec | None = None) -> list[tu
     if dupes:
         raise SetupError(f"shards: {_shown(dupes)} appear twice (or two shard URLs share a name)")
     return list(zip(names, expanded))
+
+
+def check_engine(generation: GenerationSpec) -> None:
+    """`generation.engine: vllm` where vLLM is not installed (the driver's environment is the actors' in a
+    `ray job submit`, runtime_env included): one line naming the install, before any work."""
+    if generation.engine == VLLM and vllm_version() is None:
+        raise SetupError(vllm_missing_message())
 
 
 def check_unique_keys(shards: list[tuple[str, str]], storage: StorageSpec | None = None) -> None:

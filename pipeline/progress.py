@@ -61,6 +61,7 @@ class JobIdentity:
     parts: dict[str, Any]
     model: str
     prompt_version: str
+    model_digest: str | None = None  # the weights' full content digest: the actors' vLLM export cache key
 
 
 def describe_job_model(m: Manifest) -> ModelDescription:
@@ -76,7 +77,7 @@ def job_identity(m: Manifest, model: ModelDescription) -> JobIdentity:
     identity = model.identity if model.identity is not None else _content_identity(model.path)
     prompt_version = model.prompts(m.prompts).version
     fp, parts = fingerprint(m, identity.fingerprint_part, prompt_version)
-    return JobIdentity(fp, parts, identity.label, prompt_version)
+    return JobIdentity(fp, parts, identity.label, prompt_version, identity.digest)
 
 
 def ensure_job(store: OutputStore, m: Manifest, ident: JobIdentity) -> dict[str, Any]:
@@ -184,13 +185,20 @@ MAX_INTERVALS = 50  # earlier attempts' [start, end] kept per shard, for the act
 
 
 def mark_running(store: OutputStore, shard: str, url: str, attempt: int, pid: int,
-                 redo: tuple[str, ...] | None = None) -> None:
+                 redo: tuple[str, ...] | None = None, engine: dict[str, Any] | None = None) -> None:
+    """`engine` (`EngineChoice.record()`: engine, version, reason) is appended to the record's `engines`, one
+    entry per attempt, so the rows of a shard resumed under another engine can be told apart by attempt."""
     state = read_state(store, shard) or {}
     intervals = list(state.get("intervals") or [])
     if state.get("started_at") and state.get("updated_at"):  # the previous attempt's active span
         intervals = (intervals + [[state["started_at"], state["updated_at"]]])[-MAX_INTERVALS:]
+    engines = list(state.get("engines") or [])
+    if engine is not None:
+        engines = (engines + [{"attempt": attempt, **engine, "host": socket.gethostname(),
+                               "at": time.time()}])[-MAX_INTERVALS:]
     write_state(store, shard, url=safe_url(url), state="running", attempts=attempt, pid=pid, host=socket.gethostname(),
-                started_at=time.time(), intervals=intervals, finished_at=None, redo=list(redo) if redo else None)
+                started_at=time.time(), intervals=intervals, finished_at=None, redo=list(redo) if redo else None,
+                engines=engines)
 
 
 def touch_running(store: OutputStore, shard: str, stats: Stats | None = None) -> None:

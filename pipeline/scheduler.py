@@ -1,6 +1,9 @@
 """One continuous-batching engine fed by every shard an actor holds: English and Chinese in one scheduler.
 
-`CaptionService` owns a `model.engine.CaptionEngine` and a model thread. Shard runners `open()` a `Ticket`,
+`CaptionService` owns an engine and a model thread. The engine is the native `model.engine.CaptionEngine` or
+vLLM's (`model.vllm_engine.VllmEngine`), as `generation.engine` chooses (pipeline/engine_choice.py); both take
+`submit(Request)`, `step()` -> finished `Completion`s, `flush()`, `busy`, `waiting`, so everything below
+drives either the same way. Shard runners `open()` a `Ticket`,
 `submit()` decoded clips to it and take finished rows from it as they complete (not in input order). On the
 model thread each clip goes: CLIP (in batches of `generation.batch_size`) → its English request → as soon as
 that finishes, its Chinese request (translate: text-only prompt over the English caption; direct: a second
@@ -15,6 +18,7 @@ engine never takes a shard down: the clips in flight are captioned again one by 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -30,7 +34,9 @@ import torch
 from model.engine import CaptionEngine, Request, slots_for_memory
 from model.generation import Generation
 from pipeline.captioning import Captioner
+from pipeline.engine_choice import NATIVE, VLLM, EngineChoice, choose_engine, native_version, vllm_version
 from pipeline.frames import DecodedClip
+from pipeline.manifest import VllmSpec
 from pipeline.prompt_fields import FIELDS
 from pipeline.repair import Attempt, GenSettings, best, max_budget, next_settings
 from pipeline.shards import Sample
@@ -119,13 +125,37 @@ def choose_slots(captioner: Captioner, max_len: int) -> int:
     return slots_for_memory(captioner.loaded, max_len, free, cap=requested or MAX_CUDA_SLOTS)
 
 
+def vllm_settings(spec: VllmSpec, device: str) -> Any:
+    """`generation.vllm` as model/vllm_engine.py takes it (model/ does not import pipeline/); a field left out
+    (None) keeps VllmSettings' default."""
+    from model.vllm_engine import VllmSettings
+
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
+    if not device.startswith("cuda"):
+        fields["tensor_parallel_size"] = 1  # vLLM's CPU build: one process; the actor has no GPUs to split over
+    return VllmSettings(**fields)
+
+
+# vLLM engines started afresh after failed steps before an actor turns to the native engine for good: each
+# start takes a minute, and an engine that keeps failing is a broken install or card, not a bad clip (the clips
+# held at a failure are captioned one by one by the static path either way).
+VLLM_RESTARTS = 2
+
+
 class CaptionService:
-    def __init__(self, captioner: Captioner, *, num_slots: int | None = None, threaded: bool = True):
+    def __init__(self, captioner: Captioner, *, num_slots: int | None = None, threaded: bool = True,
+                 engine: Any = None):
+        """`engine`: one already built for this captioner's model, of the kind `generation.engine` chooses (tests
+        share a vLLM engine, a minute to start, between services); by default the service builds it."""
         self.captioner = captioner
         m = captioner.settings
         self.max_len = token_budget(captioner)
-        self.num_slots = num_slots or choose_slots(captioner, self.max_len)
-        self.engine = self._new_engine()
+        self.engine_choice: EngineChoice = choose_engine(m.generation.engine, captioner.device, vllm_version())
+        if engine is not None and getattr(engine, "name", NATIVE) != self.engine_choice.kind:
+            raise ValueError(f"an engine of kind {getattr(engine, 'name', NATIVE)!r} given to a service whose "
+                             f"generation.engine chooses {self.engine_choice.kind!r}")
+        self.num_slots = num_slots or self._slots()
+        self.engine = engine if engine is not None else self._new_engine()
         self._cv = threading.Condition()
         self._inbox: deque[_Clip] = deque()  # submitted, not yet encoded
         self._mt: list[_Clip] = []  # English done, waiting for the seq2seq translator (zh.mode mt)
@@ -146,10 +176,31 @@ class CaptionService:
                                             name="caption-engine", daemon=True)
             self._thread.start()
 
-    def _new_engine(self) -> CaptionEngine:
-        g = self.captioner.settings.generation
-        return CaptionEngine(self.captioner.loaded, self.num_slots, self.max_len, sync_every=g.sync_every,
-                             use_cuda_graphs=g.cuda_graphs and self.captioner.device != "cpu")
+    def _slots(self) -> int:
+        """Requests decoded together: vLLM's max_num_seqs, or the native engine's KV-cache slots."""
+        c = self.captioner
+        if self.engine_choice.kind == VLLM:
+            return vllm_settings(c.settings.generation.vllm, c.device).max_num_seqs
+        return choose_slots(c, self.max_len)
+
+    def _new_engine(self) -> Any:
+        """The engine `engine_choice` names. vLLM is imported only here: the project runs without it."""
+        c, g = self.captioner, self.captioner.settings.generation
+        if self.engine_choice.kind == VLLM:
+            from model.vllm_engine import VllmEngine
+
+            return VllmEngine(c.loaded, identity=self._model_identity(), max_len=self.max_len,
+                              settings=vllm_settings(g.vllm, c.device))
+        return CaptionEngine(c.loaded, self.num_slots, self.max_len, sync_every=g.sync_every,
+                             use_cuda_graphs=g.cuda_graphs and c.device != "cpu")
+
+    def _model_identity(self) -> str:
+        """The checkpoint's content digest: the driver's (CaptionSettings.model_identity), else hashed here (a
+        service built outside a job: tests, benchmarks; per-file hashes are cached, pipeline/model_identity.py)."""
+        from pipeline.model_identity import model_identity
+
+        m = self.captioner.settings
+        return m.model_identity or model_identity(m.model.path).digest
 
     # ---- shard side
 
@@ -335,15 +386,25 @@ class CaptionService:
             self._deliver(x, c.build_row(x.sample, x.clip, x.en, [c.attempt(t, "zh", c.base_zh)], x.score_image))
 
     def _recover(self, error: Exception) -> None:
-        """The engine failed mid-step: a fresh engine, and the clips it held captioned one by one."""
+        """The engine failed mid-step: a fresh engine (the failed one may still hold requests whose completions
+        must never come back, or be dead), and the clips it held captioned one by one by the static path."""
         log.warning("captioning engine step failed (%s: %s); %d clips in flight go through the static path",
                     type(error).__name__, error, len(self._requests))
         held = list(dict.fromkeys(self._requests.values()))
         self._requests.clear()
-        self.engine = self._new_engine()
-        self.stats.engine_restarts += 1
+        # vLLM's engine core is a process of its own holding most of the GPU's memory: end it first, and caption
+        # the held clips before the next engine takes that memory again.
+        if hasattr(self.engine, "close"):
+            self.engine.close()
         for x in held:
             self._fallback(x)
+        if self.engine_choice.kind == VLLM and self.stats.engine_restarts >= VLLM_RESTARTS:
+            self.engine_choice = EngineChoice(NATIVE, native_version(), f"vLLM failed {VLLM_RESTARTS + 1} times "
+                                              f"(last: {type(error).__name__}: {error})"[:300])
+            log.warning("the native engine takes over for the rest of this actor: %s", self.engine_choice.reason)
+            self.num_slots = self._slots()
+        self.engine = self._new_engine()
+        self.stats.engine_restarts += 1
 
     def _fallback(self, x: _Clip) -> None:
         self.stats.fallbacks += 1

@@ -8,6 +8,8 @@ whole `Manifest`. No torch here: the driver builds them and hands them to the ac
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from pipeline.manifest import (
@@ -35,11 +37,19 @@ class CaptionSettings:
     zh: ZhSpec
     quality: QualitySpec = QualitySpec()
     score: ScoreSpec = ScoreSpec()
+    # The checkpoint's content digest (pipeline/model_identity.py), computed once by the driver: the vLLM
+    # engine keys its export of the merged language model by it. None: whoever needs it hashes the folder.
+    model_identity: str | None = None
 
     @classmethod
-    def from_manifest(cls, m: Manifest) -> CaptionSettings:
-        return cls(model=m.model, languages=tuple(m.languages), prompts=m.prompts, generation=m.generation, zh=m.zh,
-                   quality=m.quality, score=m.score)
+    def from_manifest(cls, m: Manifest, model_identity: str | None = None) -> CaptionSettings:
+        """`generation.vllm.tensor_parallel_size` left out becomes the actor's GPUs here (at least 1)."""
+        vllm = m.generation.vllm
+        if vllm.tensor_parallel_size is None:
+            vllm = dataclasses.replace(vllm, tensor_parallel_size=max(1, math.floor(m.resources.num_gpus_per_actor)))
+        return cls(model=m.model, languages=tuple(m.languages), prompts=m.prompts,
+                   generation=dataclasses.replace(m.generation, vllm=vllm), zh=m.zh, quality=m.quality,
+                   score=m.score, model_identity=model_identity)
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,6 @@ class ActorSettings:
     output: str
 
     @classmethod
-    def from_manifest(cls, m: Manifest) -> ActorSettings:
-        return cls(caption=CaptionSettings.from_manifest(m), shard=ShardSettings.from_manifest(m), decode=m.decode,
-                   output=m.output)
+    def from_manifest(cls, m: Manifest, model_identity: str | None = None) -> ActorSettings:
+        return cls(caption=CaptionSettings.from_manifest(m, model_identity), shard=ShardSettings.from_manifest(m),
+                   decode=m.decode, output=m.output)

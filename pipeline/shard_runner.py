@@ -85,7 +85,7 @@ def run_shard(
         run.out.already_done = True
         settle_record(store, shard)
         return run.out
-    mark_running(store, shard, url, attempt, os.getpid(), redo=redo)
+    mark_running(store, shard, url, attempt, os.getpid(), redo=redo, engine=run.service.engine_choice.record())
     try:
         run.read_and_submit(decode_pool)
         run.wait_for_captions()

@@ -1,6 +1,6 @@
 """A tiny random PLLaVA written exactly in the released checkpoint layout, built offline in well under a second.
 
-    python -m model.tiny OUTDIR [--seed N] [--family vicuna|chatml] [--merged]
+    python -m model.tiny OUTDIR [--seed N] [--family vicuna|chatml] [--merged] [--head-dim 32] [--kv-heads 2]
 
 Same files as `ermu2001/pllava-7b`: config.json (released fields, sub-configs as differences from
 transformers 4.37 defaults, extra fields the loader ignores), sharded safetensors + index with PEFT names and
@@ -8,6 +8,10 @@ the LoRA *unmerged* (no adapter_config.json), tokenizer files, preprocessor_conf
 336px / patch 14 geometry (24x24 = 576 patches per frame) so pooling shapes are the real ones; only the widths
 and depths are tiny. `--merged` writes the plain merged layout instead (`language_model.model.*`).
 Weights are random (random text comes out); the same seed gives byte-identical files.
+
+The language model has 4 heads of `head_dim` 16 (hidden 64) by default; `head_dim=32` (hidden 128) is the
+smallest vLLM's CPU attention accepts, and `kv_heads` below 4 gives grouped-query attention (as the 34B's Yi).
+The defaults write the same bytes as before these options existed.
 """
 
 from __future__ import annotations
@@ -48,9 +52,22 @@ TINY_TEXT = {
     "rms_norm_eps": 1e-5,
     "pad_token_id": 0,
 }
+TINY_HEAD_DIM = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
 LORA_RANK = 8
 NUM_MERGES = 400
 PEFT_PREFIX = "language_model.base_model.model."
+
+
+def text_dims(head_dim: int = TINY_HEAD_DIM, kv_heads: int | None = None) -> dict:
+    """TINY_TEXT with heads of `head_dim` (hidden = heads x head_dim, MLP twice as wide) and `kv_heads` key/value
+    heads (None: one per head). The defaults give TINY_TEXT."""
+    heads = TINY_TEXT["num_attention_heads"]
+    kv_heads = heads if kv_heads is None else kv_heads
+    if head_dim < 1 or not 1 <= kv_heads <= heads or heads % kv_heads:
+        raise ValueError(f"need head_dim >= 1 and kv_heads dividing {heads}; got head_dim {head_dim}, "
+                         f"kv_heads {kv_heads}")
+    hidden = heads * head_dim
+    return {**TINY_TEXT, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_key_value_heads": kv_heads}
 
 # Small embedded corpus for the byte-level BPE merges: captions in English, Simplified and Traditional Chinese.
 CORPUS = """\
@@ -149,7 +166,7 @@ def _tokenizer_files(tokenizer: Tokenizer, family: str) -> dict[str, dict]:
 
 
 def _tiny_config(family: str, vocab_size: int, image_token_index: int, name: str, num_frames: int = 16,
-                 pooling_shape: tuple[int, int, int] = (16, 12, 12)) -> dict:
+                 pooling_shape: tuple[int, int, int] = (16, 12, 12), text_shape: dict | None = None) -> dict:
     text = {
         "_name_or_path": f"tiny-{family}",
         "architectures": ["LlamaForCausalLM"],
@@ -157,7 +174,7 @@ def _tiny_config(family: str, vocab_size: int, image_token_index: int, name: str
         "torch_dtype": "bfloat16",
         "use_cache": False,
         "vocab_size": vocab_size,
-        **TINY_TEXT,
+        **(text_shape or TINY_TEXT),
     }
     vision = {"model_type": "clip_vision_model", "vocab_size": 32000, **TINY_VISION}
     # Saved as differences from the 4.37 defaults, as the reference's save did.
@@ -196,8 +213,10 @@ def _tiny_config(family: str, vocab_size: int, image_token_index: int, name: str
     }
 
 
-def _random_weights(vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Released names and shapes (PEFT layout), scaled so activations and logits stay O(1)."""
+def _random_weights(vocab_size: int, seed: int, text: dict | None = None) -> dict[str, torch.Tensor]:
+    """Released names and shapes (PEFT layout), scaled so activations and logits stay O(1). `text`: the language
+    model's dims (`text_dims()`; default TINY_TEXT)."""
+    text = text or TINY_TEXT
     gen = torch.Generator().manual_seed(seed)
 
     def normal(*shape: int, std: float) -> torch.Tensor:
@@ -212,9 +231,10 @@ def _random_weights(vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
     dv, dv_ff, dt, dt_ff = (
         TINY_VISION["hidden_size"],
         TINY_VISION["intermediate_size"],
-        TINY_TEXT["hidden_size"],
-        TINY_TEXT["intermediate_size"],
+        text["hidden_size"],
+        text["intermediate_size"],
     )
+    kv_dim = text["num_key_value_heads"] * dt // text["num_attention_heads"]  # k/v rows (= dt without GQA)
     patch, grid = TINY_VISION["patch_size"], TINY_VISION["image_size"] // TINY_VISION["patch_size"]
     w: dict[str, torch.Tensor] = {}
     v = "vision_tower.vision_model."
@@ -241,14 +261,14 @@ def _random_weights(vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
 
     t = PEFT_PREFIX
     w[t + "model.embed_tokens.weight"] = normal(vocab_size, dt, std=1.0)
-    for i in range(TINY_TEXT["num_hidden_layers"]):
+    for i in range(text["num_hidden_layers"]):
         p = f"{t}model.layers.{i}."
-        for proj in ("q_proj", "v_proj"):
-            w[f"{p}self_attn.{proj}.base_layer.weight"] = linear(dt, dt)
+        for proj, rows in (("q_proj", dt), ("v_proj", kv_dim)):
+            w[f"{p}self_attn.{proj}.base_layer.weight"] = linear(rows, dt)
             w[f"{p}self_attn.{proj}.lora_A.default.weight"] = normal(LORA_RANK, dt, std=dt**-0.5)
-            w[f"{p}self_attn.{proj}.lora_B.default.weight"] = normal(dt, LORA_RANK, std=0.5 * LORA_RANK**-0.5)
-        for proj in ("k_proj", "o_proj"):
-            w[f"{p}self_attn.{proj}.weight"] = linear(dt, dt)
+            w[f"{p}self_attn.{proj}.lora_B.default.weight"] = normal(rows, LORA_RANK, std=0.5 * LORA_RANK**-0.5)
+        w[f"{p}self_attn.k_proj.weight"] = linear(kv_dim, dt)
+        w[f"{p}self_attn.o_proj.weight"] = linear(dt, dt)
         w[f"{p}mlp.gate_proj.weight"], w[f"{p}mlp.up_proj.weight"] = linear(dt_ff, dt), linear(dt_ff, dt)
         w[f"{p}mlp.down_proj.weight"] = linear(dt, dt_ff)
         w[f"{p}input_layernorm.weight"], w[f"{p}post_attention_layernorm.weight"] = norm(dt), norm(dt)
@@ -303,6 +323,8 @@ def build_tiny_checkpoint(
     pooling_shape: tuple[int, int, int] | None = None,
     image_mean: Sequence[float] = CLIP_MEAN,
     image_std: Sequence[float] = CLIP_STD,
+    head_dim: int = TINY_HEAD_DIM,
+    kv_heads: int | None = None,
 ) -> Path:
     """Writes the tiny checkpoint into `outdir` (created) and returns it.
 
@@ -310,10 +332,13 @@ def build_tiny_checkpoint(
     num_frames / pooling_shape (default (num_frames, 12, 12)) go into config.json, image_mean / image_std
     into preprocessor_config.json: checkpoints that sample or normalise frames otherwise than the released
     ones (the weights do not depend on them).
+    head_dim / kv_heads: the language model's attention shape (`text_dims`); e.g. head_dim=32 for vLLM's CPU
+    attention, kv_heads=2 for grouped-query attention.
     """
     if family not in ("vicuna", "chatml"):
         raise ValueError(f"family must be 'vicuna' or 'chatml', got {family!r}")
     pooling_shape = (num_frames, 12, 12) if pooling_shape is None else tuple(pooling_shape)
+    text = text_dims(head_dim, kv_heads)
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -326,8 +351,9 @@ def build_tiny_checkpoint(
 
     image_token_index = tokenizer.token_to_id("<image>")
     vocab_size = (tokenizer.get_vocab_size() + 63) // 64 * 64  # padded like Vicuna's 32064
-    name = f"tiny-pllava-{family}{'-merged' if merged else ''}-seed{seed}"
-    config = _tiny_config(family, vocab_size, image_token_index, name, num_frames, pooling_shape)
+    shape = "" if text == TINY_TEXT else f"-hd{head_dim}-kv{text['num_key_value_heads']}"
+    name = f"tiny-pllava-{family}{'-merged' if merged else ''}{shape}-seed{seed}"
+    config = _tiny_config(family, vocab_size, image_token_index, name, num_frames, pooling_shape, text)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     preprocessor = {
         "crop_size": {"height": 336, "width": 336},
@@ -343,7 +369,7 @@ def build_tiny_checkpoint(
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
 
-    weights = _random_weights(vocab_size, seed)
+    weights = _random_weights(vocab_size, seed, text)
     _write_shards(merge_lora_layout(weights, merge_alpha) if merged else weights, out)
     return out
 
@@ -364,9 +390,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge-alpha", type=float, default=4.0,
                         help="LoRA alpha folded into the weights by --merged, W = W0 + (alpha/r)*B@A; "
                              "ignored without --merged (default: %(default)s)")
+    parser.add_argument("--head-dim", type=int, default=TINY_HEAD_DIM,
+                        help="the language model's head size; 4 heads, hidden = 4 x head_dim (32: the smallest "
+                             "vLLM's CPU attention takes) (default: %(default)s)")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="key/value heads, 1, 2 or 4; fewer than 4 is grouped-query attention (default: 4)")
     args = parser.parse_args(argv)
     path = build_tiny_checkpoint(
-        args.outdir, seed=args.seed, family=args.family, merged=args.merged, merge_alpha=args.merge_alpha
+        args.outdir, seed=args.seed, family=args.family, merged=args.merged, merge_alpha=args.merge_alpha,
+        head_dim=args.head_dim, kv_heads=args.kv_heads,
     )
     print(path)
 

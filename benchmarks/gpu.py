@@ -8,20 +8,20 @@ and the continuous-batching engine (model/engine.py) against today's static batc
     python -m benchmarks.gpu --tiny     # CPU, tiny dimensions, both sections: what CI runs (tests/benchmarks)
 
 On the device machine (one H100/H200; its image has transformers 5.17, torch 2.11, and no decord, PyAV or
-webdataset), the engine comparison is one command. Once, here, in the repository root (``/.whl/`` is in
-.gitignore; the wheels are about 61 MiB, under the 64 MiB a call may carry):
+webdataset), the engine comparison is one command. Once, here, in the repository root, download what the image
+lacks at the versions of the lock, constraints.txt (``/.whl/`` is in .gitignore; a call may carry 64 MiB):
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl transformers==5.24.0 av==18.1.0 decord==0.6.0 webdataset==1.0.2 braceexpand==0.1.7
+        -d .whl $(grep -E '^(av|decord|webdataset|braceexpand)==' constraints.txt)
 
 then there (carry ``.whl``), the one line:
 
     set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu --engine --json $OUT/gpu-engine.json 2>&1 | tee $OUT/gpu-engine.log
 
-It prints the torch and transformers versions first and refuses to run under any transformers but the pinned
-5.24.0: 5.17's Llama forward takes ``past_key_values=``, not ``cache=``, so generation.py would silently decode
-without a KV cache and the engine refuses (``check_cache_keyword``).
+It prints the torch and transformers versions first and refuses to run under a transformers outside the range
+pyproject.toml declares (the image's 5.17 is inside it; the cache keyword is read from the installed Llama
+forward, ``model.generation.cache_keyword``); a torch outside the declared range gets a note.
 
 The model has the released 7B shapes: CLIP ViT-L/14-336 (1024 wide, 24 layers, 16 heads, MLP 4096),
 projector 1024→4096→4096, AdaptiveAvgPool3d to 16×12×12 = 2304 visual tokens, Llama/Vicuna-7B (4096 wide,
@@ -93,6 +93,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+    from packaging.specifiers import SpecifierSet
 
     from model.config import PllavaConfig
     from model.loading import LoadedPllava
@@ -108,10 +109,9 @@ VISION_7B = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers"
 TEXT_7B = {"vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "pad_token_id": 0}
 LORA_RANK_7B = 128
 LORA_ALPHA = 4.0
-PINNED_TORCH = "2.13.0"
-PINNED_TRANSFORMERS = "5.24.0"  # = model.engine.EXPECTED_TRANSFORMERS, not imported: 5.17 may not import it
-# What the device machine's image lacks or has at another version (see the module docstring)
-DEVICE_WHEELS = ("transformers==5.24.0", "av==18.1.0", "decord==0.6.0", "webdataset==1.0.2", "braceexpand==0.1.7")
+REPO = Path(__file__).resolve().parents[1]
+# What the device machine's image lacks, carried at the locked versions (see the module docstring)
+DEVICE_WHEELS = ("av", "decord", "webdataset", "braceexpand")
 
 
 def pllava_config(tiny_dir: Path, tiny: bool) -> PllavaConfig:
@@ -248,29 +248,62 @@ def caption_forced(loaded: LoadedPllava, clips: list[DecodedClip], new_tokens: i
     return sum(g.num_tokens for g in en) + sum(g.num_tokens for g in zh)
 
 
+def locked_versions() -> dict[str, str]:
+    """Distribution name (normalised) -> the version the lock, constraints.txt, pins."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith("#"):
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def declared_range(dist: str) -> SpecifierSet:
+    """The version range pyproject.toml declares for `dist` (read from the file: the benchmark runs from a
+    checkout on the device machine, where the project is not installed)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for line in project["dependencies"]:
+        req = Requirement(line)
+        if canonicalize_name(req.name) == canonicalize_name(dist):
+            return req.specifier
+    raise KeyError(f"pyproject.toml declares no {dist}")
+
+
+def device_wheels() -> list[str]:
+    """`name==version` for each of DEVICE_WHEELS, at the lock's version."""
+    locked = locked_versions()
+    return [f"{name}=={locked[name]}" for name in DEVICE_WHEELS]
+
+
 def check_versions() -> None:
-    """Print torch/transformers; refuse anything but the pinned transformers (see the module docstring)."""
+    """Print torch/transformers; refuse a transformers outside the declared range (see the module docstring)."""
     import torch
     import transformers
 
-    EXPECTED_TRANSFORMERS = PINNED_TRANSFORMERS
-
-    print(f"torch {torch.__version__}, transformers {transformers.__version__} (pinned: torch {PINNED_TORCH}, "
-          f"transformers {EXPECTED_TRANSFORMERS})", flush=True)
-    if transformers.__version__ != EXPECTED_TRANSFORMERS:
+    locked = locked_versions()
+    transformers_range, torch_range = declared_range("transformers"), declared_range("torch")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__} (declared: torch {torch_range}, "
+          f"transformers {transformers_range}; locked: torch {locked['torch']}, transformers "
+          f"{locked['transformers']})", flush=True)
+    if not transformers_range.contains(transformers.__version__, prereleases=True):
         raise SystemExit(
-            f"benchmarks.gpu: refusing to run under transformers {transformers.__version__}: the project pins "
-            f"{EXPECTED_TRANSFORMERS}, whose Llama forward takes cache= (5.17 takes past_key_values=; generation.py "
-            f"would decode without its KV cache and the engine refuses). Carry the pinned wheels: here, "
-            f"`python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
-            f"--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "
-            f"-d .whl {' '.join(DEVICE_WHEELS)}`; there (carry .whl), before the benchmark: `python3 -m pip install "
-            f"-q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export "
-            f"PYTHONPATH=/tmp/site` (the full line is in benchmarks/gpu.py's docstring)."
+            f"benchmarks.gpu: refusing to run under transformers {transformers.__version__}: the project declares "
+            f"transformers{transformers_range} (pyproject.toml), the versions its model code is tested on. Carry "
+            f"the locked one: here, add `transformers=={locked['transformers']} "
+            f"huggingface_hub=={locked['huggingface-hub']}` to the wheels you download into .whl (the command is in "
+            f"benchmarks/gpu.py's docstring: {' '.join(device_wheels())}); there, install .whl into /tmp/site and "
+            f"`export PYTHONPATH=/tmp/site` before the benchmark."
         )
-    if torch.__version__.split("+")[0] != PINNED_TORCH:
-        print(f"note: torch {torch.__version__} is not the pinned {PINNED_TORCH}; numbers are for this torch",
-              flush=True)
+    if not torch_range.contains(torch.__version__.split("+")[0], prereleases=True):
+        print(f"note: torch {torch.__version__} is outside the declared {torch_range} (locked: {locked['torch']}); "
+              f"numbers are for this torch", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

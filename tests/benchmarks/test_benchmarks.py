@@ -5,6 +5,8 @@ No timing is asserted: the numbers depend on the machine; only the shape and the
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +51,7 @@ def test_gpu_benchmark_tiny_mode_runs_on_cpu():
         assert row[5] == "n/a" and row[6] == "n/a"  # no GPU: busy % and memory are not made up
     assert rows[0][4] == "1.00x"
     assert "device: CPU (--tiny" in out
-    assert "transformers 5.24.0 (pinned:" in out
+    assert f"transformers {importlib.metadata.version('transformers')} (declared: " in out
 
     # --tiny runs the engine comparison too: today's static loop and the engine, eager and "graphs"
     engine_rows = table_rows(out, "| mix path | clips | clips/GPU-hour")
@@ -80,15 +82,22 @@ def test_gpu_benchmark_time_limit_skips_rows_and_says_so():
     assert "ratio engine / today's loop: n/a" in out
 
 
-def test_gpu_benchmark_refuses_another_transformers(monkeypatch):
+def test_gpu_benchmark_takes_the_declared_transformers_range_only(monkeypatch):
     import transformers
 
-    from benchmarks.gpu import PINNED_TRANSFORMERS, check_versions
+    from benchmarks.gpu import check_versions, declared_range, device_wheels, locked_versions
 
-    assert PINNED_TRANSFORMERS == transformers.__version__
-    monkeypatch.setattr(transformers, "__version__", "5.17.0")
-    with pytest.raises(SystemExit, match=r"transformers 5.17.0.*pinned wheels.*\.whl"):
-        check_versions()
+    declared = declared_range("transformers")
+    assert locked_versions()["transformers"] in declared  # the lock lies inside the declared range
+    assert all(wheel.split("==")[1] == locked_versions()[wheel.split("==")[0]] for wheel in device_wheels())
+    check_versions()  # the installed one
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")  # the device image's: inside the range
+    check_versions()
+    for outside in ("5.15.0", "5.99.0"):
+        monkeypatch.setattr(transformers, "__version__", outside)
+        with pytest.raises(SystemExit, match=rf"transformers {outside}: .*transformers{re.escape(str(declared))} "
+                                             rf".*transformers==.*huggingface_hub==.*\.whl"):
+            check_versions()
 
 
 def test_pipeline_benchmark_quick_mode():

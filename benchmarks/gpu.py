@@ -1134,16 +1134,19 @@ def engines_section(loaded, args, argv, tiny: bool, is_cuda: bool, distinct: lis
     for kind, option in plan:
         left = deadline - time.perf_counter()
         key = "graphs" if kind == "native" and option else kind
+        # the name of a row that did not run (a row that ran names its slot count too)
+        name, kv = ((f"native, {'CUDA graphs' if option else 'eager'}", model_dtype) if kind == "native" else
+                    (f"vLLM, max_num_seqs {args.max_num_seqs}, {model_dtype if option == 'auto' else option} KV",
+                     option))
         try:
             if (kind == "native" or vllm_installed) and (left <= 0 or (not tiny and left < need[key])):
-                row = EngineRow(f"{kind} {option}", kind, str(option),
-                                status=f"skipped: {left:.0f}s left of --max-minutes {args.max_minutes}")
+                row = EngineRow(name, kind, kv, status=f"skipped: {max(0.0, left):.0f}s left of --max-minutes "
+                                                       f"{args.max_minutes}")
             else:
                 row = native_row(option) if kind == "native" else vllm_row(option)
         except Exception as err:  # noqa: BLE001 - one failing row (a start, a compile) must not lose the others
             traceback.print_exc()
-            row = EngineRow(f"{kind} {option}", kind, str(option),
-                            status=f"failed: {type(err).__name__}: {str(err).strip()[:200]}")
+            row = EngineRow(name, kind, kv, status=f"failed: {type(err).__name__}: {str(err).strip()[:200]}")
         rows.append(row)
         print(f"  {row.name:<40} {row.status:<14} {row.clips:4d} clips {row.clips_per_hour:9.0f} clips/GPU-h "
               f"{row.tokens_per_s:8.0f} tok/s", flush=True)

@@ -99,11 +99,17 @@ def test_gpu_benchmark_tiny_mode_runs_on_cpu():
 
 
 def test_gpu_benchmark_time_limit_skips_rows_and_says_so():
-    out = run_module("benchmarks.gpu", "--tiny", "--engine", "--max-minutes", "0")
-    assert "| mix path |" in out and "| path | clips |" not in out  # --engine: the comparison only
+    out = run_module("benchmarks.gpu", "--tiny", "--engine", "--engines", "--max-minutes", "0")
+    assert "| mix path |" in out and "| path | clips |" not in out  # --engine(s): the comparisons only
     skipped = [line for line in out.splitlines() if line.startswith("skipped: ")]
     assert len(skipped) == 4 and all("--max-minutes 0" in line for line in skipped)
     assert "ratio engine / today's loop: n/a" in out
+
+    rows = table_rows(out, "| engine | status | clips")  # native vs vLLM: every row says why it did not run
+    assert [r[0] for r in rows] == ["native, eager", "vLLM, max_num_seqs 4, float32 KV", "vLLM, max_num_seqs 4, fp8 KV"]
+    vllm_status = "skipped: 0s left" if importlib.util.find_spec("vllm") else "not installed"
+    for row, status in zip(rows, ["skipped: 0s left", vllm_status, vllm_status]):
+        assert row[1].startswith(status) and row[2:5] == ["-", "-", "-"], row  # nothing measured, nothing made up
 
 
 def test_gpu_benchmark_takes_the_declared_transformers_range_only(monkeypatch):

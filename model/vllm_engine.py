@@ -2,7 +2,8 @@
 
     engine = VllmEngine(loaded, identity=..., max_len=..., settings=VllmSettings(...), cache_root=None)
     engine.submit(Request(...)); engine.busy; engine.step() -> completions as they finish; engine.flush();
-    len(engine.waiting); engine.stats (an `EngineStats`); engine.close()
+    len(engine.waiting); engine.stats (an `EngineStats`: steps, prefills, completions, useful tokens);
+    engine.close(); engine.name ("vllm") and engine.version (vLLM's) for the run's record
 
 `pipeline/scheduler.py` drives either engine. vLLM runs the LANGUAGE MODEL ONLY, through its step-wise
 `LLMEngine` (add requests, step, read finished outputs: never one blocking `generate` per batch). Our code
@@ -32,7 +33,9 @@ Processes: vLLM's engine core runs in a child process; this module asks for `spa
 model thread) is unsafe. A spawned child re-imports the parent's `__main__`, so a script that creates an
 engine needs the `if __name__ == "__main__":` guard (pytest's and Ray's worker entry points have it); the
 `model` package must be importable in the child (it inherits `sys.path`). `close()` ends the child and frees
-its memory. On a GPU the vision side and vLLM share the card: vLLM takes `gpu_memory_utilization` of it.
+its memory. On a GPU the vision side and vLLM share the card: vLLM takes `gpu_memory_utilization` of it. With
+`tensor_parallel_size` N > 1, vLLM's workers are processes on the N GPUs this process sees (a Ray actor must
+reserve N GPUs), not Ray tasks.
 """
 
 from __future__ import annotations
@@ -223,6 +226,9 @@ class VllmEngine:
             max_num_batched_tokens=settings.max_num_batched_tokens,
             enforce_eager=settings.enforce_eager,
             tensor_parallel_size=settings.tensor_parallel_size,
+            # tensor parallel: worker processes on the GPUs this process holds (a Ray actor reserves them), never
+            # vLLM's Ray backend, which would ask the cluster for more GPUs from inside the actor
+            distributed_executor_backend="mp" if settings.tensor_parallel_size > 1 else None,
             seed=0,
             disable_log_stats=True,
         )

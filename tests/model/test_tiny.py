@@ -146,3 +146,17 @@ def test_tokenizer_special_tokens(loaded, tiny_chatml_dir):
     prompt = load_pllava(tiny_chatml_dir).template.format()
     start = chatml.convert_tokens_to_ids("<|im_start|>")
     assert chatml(prompt)["input_ids"].count(start) == 3
+
+
+def test_head_dim_and_kv_heads_options_give_a_loadable_gqa_checkpoint(tmp_path, tiny_dir):
+    """head_dim 32 (what vLLM's CPU attention takes) with 2 key/value heads for 4 heads: the 34B's layout in
+    small; the default checkpoint keeps hidden 64 and 4 key/value heads."""
+    path = build_tiny_checkpoint(tmp_path / "gqa", seed=0, family="chatml", head_dim=32, kv_heads=2)
+    loaded = load_pllava(path)
+    cfg = loaded.model.language_model.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (128, 4, 2, 32)
+    assert loaded.name == "tiny-pllava-chatml-hd32-kv2-seed0"
+    assert loaded.model.language_model.model.layers[0].self_attn.k_proj.weight.shape == (64, 128)
+    assert json.loads((tiny_dir / "config.json").read_text())["text_config"]["hidden_size"] == 64
+    with pytest.raises(ValueError, match="kv_heads"):
+        build_tiny_checkpoint(tmp_path / "bad", kv_heads=3)

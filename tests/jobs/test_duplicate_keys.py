@@ -15,7 +15,15 @@ import sys
 
 import pytest
 
-from tests.jobs.conftest import REPO, read_output, run_job, shard_state, wait_for, write_manifest
+from tests.jobs.conftest import (
+    REPO,
+    read_output,
+    run_job,
+    running_with_a_chunk,
+    shard_state,
+    wait_for,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -34,17 +42,9 @@ def test_a_copied_shard_is_captioned_once_over_the_output_under_kill_9(ray_clust
     driver = subprocess.Popen([sys.executable, "-m", "jobs.recaption", str(manifest)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def running_with_chunk():
-            for shard in ("00000", "00000-copy"):
-                state = shard_state(out, shard)
-                if state and state.get("state") == "running" and state.get("pid") and \
-                        list((out / "_progress" / shard).glob("chunk-*.parquet")):
-                    return shard, state["pid"]
-            return None
-
         def started():
             assert driver.poll() is None, driver.stdout.read()[-3000:]
-            return running_with_chunk()
+            return running_with_a_chunk(out, ["00000", "00000-copy"])
 
         shard, pid = wait_for(started, 300, "a running shard with a committed chunk")
         os.kill(pid, signal.SIGKILL)

@@ -20,6 +20,7 @@ from tests.jobs.conftest import (
     base_env,
     read_output,
     run_job,
+    running_with_a_chunk,
     shard_state,
     submit_job,
     wait_for,
@@ -76,15 +77,8 @@ def test_kill_worker_mid_shard_loses_and_duplicates_nothing(ray_cluster, tiny_ch
     driver = subprocess.Popen([sys.executable, "-m", "jobs.recaption", str(manifest)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def running_with_chunk():
-            for shard in ("00000", "00001"):
-                state = shard_state(out, shard)
-                chunks = list((out / "_progress" / shard).glob("chunk-*.parquet"))
-                if state and state.get("state") == "running" and state.get("pid") and chunks:
-                    return shard, state["pid"]
-            return None
-
-        shard, pid = wait_for(running_with_chunk, 300, "a running shard with a committed chunk")
+        shard, pid = wait_for(lambda: running_with_a_chunk(out, ["00000", "00001"]), 300,
+                              "a running shard with a committed chunk")
         os.kill(pid, signal.SIGKILL)
         log, _ = driver.communicate(timeout=600)
     finally:

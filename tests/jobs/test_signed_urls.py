@@ -8,6 +8,7 @@ import base64
 import collections
 import http.server
 import json
+import secrets
 import subprocess
 import sys
 import threading
@@ -21,8 +22,10 @@ from tests.jobs.conftest import REPO, VENV_BIN, assert_exactly_once, run_job, sh
 
 pytestmark = pytest.mark.slow
 
-SECRET = "PLANTED"  # in every signature, the user name and the password
-USER, PASSWORD = "PLANTEDUSER", "PLANTEDPASSWORD"
+# In every signature, the user name and the password. Drawn per run: the test greps the cluster's files, where
+# another test's `ray job submit --working-dir .` leaves a copy of this repository (its source names no secret).
+SECRET = f"PLANTED{secrets.token_hex(6).upper()}"
+USER, PASSWORD = f"{SECRET}USER", f"{SECRET}PASSWORD"
 BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 

@@ -74,6 +74,19 @@ class Request:
     min_new_tokens: int = 0  # the stop ids cannot be picked before this many tokens (repairing an empty caption)
 
 
+def prompt_id_list(request: Request) -> list[int]:
+    """The request's prompt as a list of ids (both engines take a list or a 1-D tensor); never empty."""
+    ids = request.prompt_ids
+    if isinstance(ids, torch.Tensor):
+        if ids.ndim != 1:
+            raise ValueError(f"request {request.id!r}: prompt_ids must be 1-D, got {tuple(ids.shape)}")
+        ids = ids.tolist()
+    ids = list(ids)
+    if not ids:
+        raise ValueError(f"request {request.id!r}: empty prompt")
+    return ids
+
+
 @dataclass
 class Completion:
     """A finished request: its `Generation` (same fields and decoding as generation.py) and when it ran."""
@@ -415,15 +428,7 @@ class CaptionEngine:
 
     @staticmethod
     def _prompt_list(request: Request) -> list[int]:
-        ids = request.prompt_ids
-        if isinstance(ids, torch.Tensor):
-            if ids.ndim != 1:
-                raise ValueError(f"request {request.id!r}: prompt_ids must be 1-D, got {tuple(ids.shape)}")
-            ids = ids.tolist()
-        ids = list(ids)
-        if not ids:
-            raise ValueError(f"request {request.id!r}: empty prompt")
-        return ids
+        return prompt_id_list(request)
 
     @staticmethod
     def _prefill_length(request: Request, ids: list[int]) -> int:

@@ -58,7 +58,7 @@ from typing import Any
 import torch
 import transformers
 
-from model.engine import Completion, EngineStats, Request
+from model.engine import Completion, EngineStats, Request, prompt_id_list
 from model.generation import Generation, stop_token_ids
 from model.loading import LoadedPllava
 
@@ -298,15 +298,7 @@ class VllmEngine:
 
     @staticmethod
     def _prompt_list(request: Request) -> list[int]:
-        ids = request.prompt_ids
-        if isinstance(ids, torch.Tensor):
-            if ids.ndim != 1:
-                raise ValueError(f"request {request.id!r}: prompt_ids must be 1-D, got {tuple(ids.shape)}")
-            ids = ids.tolist()
-        ids = list(ids)
-        if not ids:
-            raise ValueError(f"request {request.id!r}: empty prompt")
-        return ids
+        return prompt_id_list(request)
 
     def _sampling_params(self, request: Request, ids: list[int]) -> Any:
         from vllm import SamplingParams

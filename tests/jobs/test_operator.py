@@ -82,7 +82,7 @@ def _help_entries(help_text: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("module, flags", [
-    ("model.tiny", ["--seed", "--family", "--merged", "--merge-alpha"]),
+    ("model.tiny", ["--seed", "--family", "--merged", "--merge-alpha", "--head-dim", "--kv-heads"]),
     ("pipeline.synthetic", ["--shards", "--clips-per-shard", "--failed", "--corrupt", "--seed"]),
     ("model.tiny_clip", ["--seed", "--image-size", "--patch-size"]),
 ])

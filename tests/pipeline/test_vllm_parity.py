@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -117,6 +119,26 @@ def test_two_shards_share_one_vllm_service(art, engine, tmp_path):
         return original(completion)
 
     service._completed = spy
+    # Whether the shards overlap in the engine must not hang on thread timing (on a fast machine one shard can
+    # drain before the other has decoded a clip): the model thread starts once both shards have clips queued,
+    # and takes them alternately, so the first batch holds both.
+    work, gated = service._work, []
+
+    def gate():
+        if not gated:
+            both = lambda: {x.ticket.name for x in service._inbox} >= set(SHARDS)  # noqa: E731
+            deadline = time.monotonic() + 300
+            while not both() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with service._cv:
+                queued = list(service._inbox)
+                by_shard = [[x for x in queued if x.ticket.name == name] for name in SHARDS]
+                service._inbox.clear()
+                service._inbox.extend(x for pair in itertools.zip_longest(*by_shard) for x in pair if x is not None)
+            gated.append(True)
+        return work()
+
+    service._work = gate
     errors = []
 
     def one(name):

@@ -30,7 +30,7 @@ from pipeline.dataset_card import write_dataset_card
 from pipeline.lease import LeaseHeld, acquire
 from pipeline.manifest import Manifest, ManifestError, load_manifest, resolve_paths, split_shard_list
 from pipeline.model_identity import checkpoint_files
-from pipeline.preflight import SetupError, check_engine, check_shards, check_unique_keys
+from pipeline.preflight import SetupError, check_engine, check_shards, check_stores, check_unique_keys
 from pipeline.progress import (
     JOB_FILE,
     FingerprintMismatch,
@@ -272,6 +272,7 @@ class Interrupted(Exception):
 def run(m: Manifest, retry_failed: bool = False, log_every_s: float = 60.0, force: bool = False,
         stop: StopRequest | None = None, redo: tuple[str, ...] | None = None) -> int:
     stop = stop or StopRequest()
+    check_stores(m.shards, m.output)
     store = OutputStore(m.output, m.storage)
     checkpoint_files(m.model.path)  # a bad model.path ends here, named, before anything reads the folder
     score_model(m)  # so does a bad score.model

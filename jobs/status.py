@@ -17,8 +17,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipeline.lease import lease_alive, read_lease
 from pipeline.output_view import OutputView, counts_of, data_file_summary, record_state
 from pipeline.progress import ERROR_REASONS, JOB_FILE, read_shard_list
@@ -219,8 +217,7 @@ def _chunk_counts(store: OutputStore, paths: list[str]) -> dict[str, int]:
     counts: Counter = Counter()
     for path in paths:
         try:
-            with store.fs.open_input_file(path) as f:
-                counts.update(pq.read_table(f, columns=["status"]).column("status").to_pylist())
+            counts.update(store.read_table(path, columns=["status"]).column("status").to_pylist())
         except (FileNotFoundError, OSError):  # merged away by a finalizer meanwhile, or being written
             continue
     return dict(counts)

@@ -149,13 +149,41 @@ class ResourceSpec:
 
 
 @dataclass(frozen=True)
+class GcsStorageSpec:
+    """gs:// shards and outputs (gcsfs). Left out: gcsfs's defaults (STORAGE_EMULATOR_HOST, the project of the
+    Application Default Credentials)."""
+
+    project: str | None = None
+    endpoint_url: str | None = None  # e.g. an emulator, "http://127.0.0.1:9023"
+
+
+@dataclass(frozen=True)
+class AzureStorageSpec:
+    """az:// / abfs:// shards and outputs (adlfs). Left out: AZURE_STORAGE_ACCOUNT_NAME, the connection string
+    (AZURE_STORAGE_CONNECTION_STRING, Azurite's included), or the account in an abfs://container@ACCOUNT... URL."""
+
+    account: str | None = None
+
+
+@dataclass(frozen=True)
+class HfStorageSpec:
+    """hf:// shards (the Hugging Face Hub, read-only). Left out: HF_ENDPOINT, else huggingface.co."""
+
+    endpoint_url: str | None = None
+
+
+@dataclass(frozen=True)
 class StorageSpec:
-    """Where s3:// shards and outputs live, when not on AWS's own endpoint. Each field left out comes from
-    the standard environment (AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION). No credentials here: a
-    manifest is recorded in every output; keys come from each node's environment, config or role."""
+    """Where shards and outputs on object stores live, when not at each store's default. `endpoint_url` and
+    `region` are S3's (AWS or an S3-compatible store); each field left out comes from the standard
+    environment (AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION, STORAGE_EMULATOR_HOST, ...). No credentials
+    here: a manifest is recorded in every output; keys come from each node's environment, config or role."""
 
     endpoint_url: str | None = None  # e.g. "http://minio.internal:9000"
     region: str | None = None
+    gcs: GcsStorageSpec = field(default_factory=GcsStorageSpec)
+    azure: AzureStorageSpec = field(default_factory=AzureStorageSpec)
+    hf: HfStorageSpec = field(default_factory=HfStorageSpec)
 
 
 @dataclass(frozen=True)
@@ -347,6 +375,9 @@ def _check_values(m: Manifest, source: str) -> None:
         raise bad("shards", "must name at least one shard (path, URL or brace range)")
     if not m.output.strip():
         raise bad("output", "must not be empty")
+    problem = output_url_problem(m.output)
+    if problem:
+        raise bad("output", problem)
     if not m.model.path.strip():
         raise bad("model.path", "must not be empty")
     for name, value, allowed in [
@@ -428,6 +459,28 @@ def _check_values(m: Manifest, source: str) -> None:
             raise bad("storage.endpoint_url", problem)
     if m.storage.region is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", m.storage.region):
         raise bad("storage.region", f"is {m.storage.region!r}; expected a region name such as us-east-1")
+    for name, url in (("storage.gcs.endpoint_url", m.storage.gcs.endpoint_url),
+                      ("storage.hf.endpoint_url", m.storage.hf.endpoint_url)):
+        problem = url and endpoint_url_problem(url)
+        if problem:
+            raise bad(name, problem)
+    for name, value in (("storage.gcs.project", m.storage.gcs.project), ("storage.azure.account", m.storage.azure.account)):
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise bad(name, f"is {value!r}; expected a name, not a key or a URL (credentials come from the environment)")
+
+
+OUTPUT_SCHEMES = ("", "file", "s3", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def output_url_problem(url: str) -> str | None:
+    """Why `url` cannot hold an output, or None: a local path, file:// or a writable object store."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme in OUTPUT_SCHEMES:
+        return None
+    if scheme == "hf":
+        return ("is on the Hugging Face Hub, which the job reads shards from but does not write to; write the "
+                "output to a local path or a bucket and upload the finished data/ folder")
+    return f"has the scheme {scheme}://; an output is a local path, file://, s3://, gs://, az:// or abfs(s)://"
 
 
 def endpoint_url_problem(url: str) -> str | None:

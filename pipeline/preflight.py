@@ -2,7 +2,7 @@
 
 Shards: globs in local paths are expanded (sorted) and refused when they match nothing; globs in URLs are
 refused (no listing of remote stores here: use a brace range); a missing local shard or a directory is
-refused; the first remote shard must answer. Two shards may not share a name (they would share an output
+refused; the first remote shard must answer; each store's library must be installed. Two shards may not share a name (they would share an output
 file). `generation.engine: vllm` needs vLLM installed.
 """
 
@@ -17,6 +17,7 @@ from collections import Counter
 from pipeline.engine_choice import VLLM, vllm_missing_message, vllm_version
 from pipeline.manifest import GenerationSpec, StorageSpec
 from pipeline.shards import ShardReadError, open_shard_stream, safe_url, shard_name
+from pipeline.storage import missing_library, scheme
 
 _GLOB_CHARS = ("*", "?", "[")
 _SHOW = 5
@@ -84,6 +85,18 @@ def check_shards(urls: list[str], storage: StorageSpec | None = None) -> list[tu
     if dupes:
         raise SetupError(f"shards: {_shown(dupes)} appear twice (or two shard URLs share a name)")
     return list(zip(names, expanded))
+
+
+def check_stores(shard_urls: list[str], output: str) -> None:
+    """Each store the job uses has its library installed (the driver's environment is the actors' in a `ray job
+    submit`): else one line naming the extra to install, before any work."""
+    first_of_scheme = {scheme(output): output}
+    for url in shard_urls:
+        first_of_scheme.setdefault(scheme(url), url)
+    for field_name, url in (("output", output), *(("shards", u) for u in first_of_scheme.values() if u != output)):
+        problem = missing_library(url)
+        if problem:
+            raise SetupError(f"{field_name}: {problem}")
 
 
 def check_engine(generation: GenerationSpec) -> None:

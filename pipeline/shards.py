@@ -9,7 +9,7 @@ or ``eval``-ed, and member names are never used as paths. Errors in a sample are
 (too long, unprintable characters, bytes that are not UTF-8) is normalised (``usable_key``), the tar's
 key kept in ``Sample.source_key``; what was wrong with a sample's input is in ``Sample.input_flags``.
 
-Remote shards (http(s)://, s3://) are streamed, and a stream that breaks (connection reset, a body shorter
+Remote shards (http(s)://, and s3://, gs://, az://, hf:// through pipeline/storage.py) are streamed, and a stream that breaks (connection reset, a body shorter
 than announced, a 5xx) is reopened at the byte already read (``_ResumableStream``), so a dropped connection
 costs a retry, not the rest of the shard. A shard that still could not be read to its end-of-archive block
 is reported by ``ShardReader.incomplete``: what was read is valid, but the shard must not count as done.
@@ -28,7 +28,6 @@ import http.client
 import json
 import logging
 import math
-import os
 import re
 import ssl
 import tarfile
@@ -42,9 +41,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-if TYPE_CHECKING:
-    from pyarrow.fs import S3FileSystem
+from pipeline.storage import StoreUnavailable, backend
 
+if TYPE_CHECKING:
     from pipeline.manifest import StorageSpec
 
 BLOCK = 512
@@ -65,7 +64,7 @@ MAX_EXTENDED_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers; a bigger one
 # Output files are named after the shard ("data/{shard}.parquet", ".{shard}.parquet.tmp-…").
 MAX_SHARD_NAME_CHARS = 200
 HTTP_TIMEOUT_S = 60
-# s3:// shards are read through a buffer of this size (one ranged GET per fill).
+# Shards on object stores are read through a buffer of this size (one ranged GET per fill).
 S3_READ_BUFFER_BYTES = 8 << 20
 # Remote shards (http(s)://, s3://) whose connection drops are reopened at the byte already read: up to
 # READ_RETRIES attempts in a row without progress, waiting RETRY_BACKOFF_S, then twice as long each time, at
@@ -146,7 +145,7 @@ def open_shard_stream(
 ) -> BinaryIO:
     """A forward-only binary stream of the shard; nothing is staged on disk. Raises ``ShardReadError``.
 
-    ``storage`` (endpoint, region) applies to s3:// URLs; see ``s3_filesystem``. http(s):// and s3:// streams
+    ``storage`` says where object stores are (pipeline/storage.py). Remote streams (http(s)://, object stores)
     resume where they stopped after a dropped connection (see ``_ResumableStream``): up to ``read_retries``
     consecutive attempts without progress, ``retry_backoff_s`` before the first, doubling. A stream that still
     cannot go on raises ``ShardStreamError`` from ``read``. Local files are read as they are: a short local
@@ -160,9 +159,9 @@ def open_shard_stream(
             return open(path, "rb")
         if scheme in ("http", "https"):
             return cast(BinaryIO, _ResumableStream(_HttpOpener(url), safe_url(url), **retry))
-        if scheme == "s3":
-            return cast(BinaryIO, _ResumableStream(_S3Opener(url, storage), safe_url(url), **retry))
-    except (OSError, ValueError) as err:  # local files; pyarrow's S3 set-up
+        if backend(url) is not None:
+            return cast(BinaryIO, _ResumableStream(_StoreOpener(url, storage), safe_url(url), **retry))
+    except (OSError, ValueError, StoreUnavailable) as err:  # local files; a store's library missing or set-up
         raise ShardReadError(f"cannot open shard {url if not scheme else safe_url(url)}: {err}") from err
     raise ShardReadError(f"cannot open shard {safe_url(url)}: unsupported scheme {scheme!r}")
 
@@ -413,40 +412,78 @@ def _split_user_info(url: str) -> tuple[str, str | None]:
     return urllib.parse.urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
 
 
-class _S3Opener:
-    """``open_at`` for s3:// shards: a fresh HeadObject (size, existence) per attempt, then ranged reads."""
+class _StoreOpener:
+    """``open_at`` for shards on object stores (s3://, gs://, az://, hf://, through pipeline/storage.py's fsspec
+    filesystem): the object's size and version from a fresh ``info`` per attempt, then ranged reads.
+
+    Ours, over the library's calls: a ranged read that comes back short is an error here, never the end of the
+    shard (fsspec's buffered files hand back what came), and the object changing between attempts (another
+    ETag / generation) ends the read instead of splicing two versions of the tar."""
 
     def __init__(self, url: str, storage: StorageSpec | None):
-        self.path, self.safe = url[len("s3://"):], safe_url(url)
-        self.fs = s3_filesystem(storage)
+        from pipeline.storage import filesystem
+
+        self.fs, self.path = filesystem(url, storage)
+        self.safe = safe_url(url)
+        self.version: str | None = None
 
     def __call__(self, offset: int) -> tuple[BinaryIO, int | None]:
         try:
-            file = self.fs.open_input_file(self.path)
-            size = file.size()
+            info = self.fs.info(self.path)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError) as err:
-            raise ShardReadError(f"cannot open shard {self.safe}: {err}") from err
-        except OSError as err:
-            if _S3_FINAL.search(str(err)):
-                raise ShardReadError(f"cannot open shard {self.safe}: {err}") from err
-            raise
-        return cast(BinaryIO, _RangeReader(file, offset, size, S3_READ_BUFFER_BYTES)), size
+            raise ShardReadError(f"cannot open shard {self.safe}: {_describe(err)}") from err
+        except Exception as err:
+            if _final(err):
+                raise ShardReadError(f"cannot open shard {self.safe}: {_describe(err)}") from err
+            raise _TransientError(_describe(err)) from err
+        if info.get("type") != "file":
+            raise ShardReadError(f"cannot open shard {self.safe}: not a file (a folder or bucket?)")
+        version = _object_version(info)
+        if self.version is None:
+            self.version = version
+        elif version != self.version:
+            raise ShardReadError(f"shard {self.safe} changed on the store while being read ({version})")
+        size = int(info["size"])
+        return cast(BinaryIO, _RangeReader(self._read_range, offset, size, S3_READ_BUFFER_BYTES)), size
+
+    def _read_range(self, start: int, end: int) -> bytes:
+        try:
+            return self.fs.cat_file(self.path, start=start, end=end)
+        except (FileNotFoundError, PermissionError) as err:
+            raise ShardReadError(f"cannot read shard {self.safe}: {_describe(err)}") from err
+        except Exception as err:
+            if _final(err):
+                raise ShardReadError(f"cannot read shard {self.safe}: {_describe(err)}") from err
+            raise _TransientError(_describe(err)) from err
 
 
-# pyarrow turns S3 errors into OSError "AWS Error <CODE> during <Operation> ..."; these codes are final.
-_S3_FINAL = re.compile(r"AWS Error (ACCESS_DENIED|NO_SUCH_BUCKET|NO_SUCH_KEY|INVALID_ACCESS_KEY_ID|"
-                       r"SIGNATURE_DOES_NOT_MATCH|RESOURCE_NOT_FOUND|INVALID_PARAMETER_VALUE)\b")
+def _object_version(info: dict[str, Any]) -> str | None:
+    """What changes when an object is replaced, from an fsspec ``info``: S3's ETag, GCS's generation, Azure's
+    etag, the Hub's blob id (or its LFS sha256)."""
+    for key in ("ETag", "generation", "etag", "blob_id"):
+        if info.get(key):
+            return f"{key} {info[key]}"
+    lfs = info.get("lfs")
+    return f"sha256 {lfs.get('sha256')}" if isinstance(lfs, dict) and lfs.get("sha256") else None
+
+
+def _final(err: BaseException) -> bool:
+    """A store's answer no retry changes: refused, no such bucket (see pipeline/storage.py)."""
+    from pipeline.storage import storage_fault
+
+    return storage_fault(err) is not None
 
 
 class _RangeReader:
-    """Sequential, buffered reads of a random-access file from ``offset``: one ranged GET per buffer fill.
+    """Sequential, buffered reads of an object from ``offset``: one ranged read per buffer fill.
 
     Buffered because the tar is parsed in 512-byte headers and each unbuffered read would be one GET. A
     fill that comes back short of the object's size is an error (``_TransientError``), not the end.
     """
 
-    def __init__(self, file: Any, offset: int, size: int, buffer_bytes: int):
-        self._file, self._pos, self._size, self._buffer_bytes = file, offset, size, max(BLOCK, buffer_bytes)
+    def __init__(self, read_range: Callable[[int, int], bytes], offset: int, size: int, buffer_bytes: int):
+        self._read_range, self._pos, self._size = read_range, offset, size
+        self._buffer_bytes = max(BLOCK, buffer_bytes)
         self._buf, self._at = b"", 0
 
     def read(self, n: int = -1) -> bytes:
@@ -454,7 +491,7 @@ class _RangeReader:
             want = min(self._buffer_bytes, self._size - self._pos)
             if want <= 0:
                 return b""
-            data = self._file.read_at(want, self._pos)
+            data = self._read_range(self._pos, self._pos + want)
             if len(data) != want:
                 raise _TransientError(f"a ranged read at byte {self._pos} returned {len(data)} of {want} bytes")
             self._buf, self._at = data, 0
@@ -466,42 +503,6 @@ class _RangeReader:
 
     def close(self) -> None:
         self._buf = b""
-        self._file.close()
-
-
-def s3_endpoint(storage: StorageSpec | None = None) -> tuple[str | None, str | None]:
-    """(endpoint URL as scheme://host[:port], region) for S3 clients: the manifest's ``storage`` section, else
-    AWS_ENDPOINT_URL and AWS_REGION / AWS_DEFAULT_REGION."""
-    endpoint = (storage and storage.endpoint_url) or os.environ.get("AWS_ENDPOINT_URL")
-    region = (storage and storage.region) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if endpoint:
-        parts = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-        # host[:port] only: a user:password@ in the URL must not reach a client's repr or its errors
-        endpoint = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
-        region = region or "us-east-1"  # S3-compatible stores ignore it; spares the SDK a metadata lookup
-    return endpoint, region
-
-
-def s3_filesystem(storage: StorageSpec | None = None) -> S3FileSystem:
-    """pyarrow's filesystem for s3:// shards and outputs, on AWS or an S3-compatible store (MinIO, Ceph...).
-
-    Endpoint and region come from the manifest's ``storage`` section, else from AWS_ENDPOINT_URL and
-    AWS_REGION / AWS_DEFAULT_REGION. Credentials are never passed in: the AWS SDK inside pyarrow finds them
-    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, instance role), so no argument, repr, pickle or
-    error message of ours holds them.
-    """
-    from pyarrow import fs  # imported here: only s3:// shards and outputs need pyarrow's S3 support
-
-    endpoint, region = s3_endpoint(storage)
-    options = {}
-    if endpoint:
-        parts = urllib.parse.urlsplit(endpoint)
-        options.update(endpoint_override=parts.netloc, scheme=parts.scheme)
-    if region:
-        options["region"] = region
-    # allow_delayed_open: an object smaller than a part (10 MiB) is written by one PutObject at close, not a
-    # multipart upload; either way it becomes visible only once complete.
-    return fs.S3FileSystem(allow_delayed_open=True, **options)
 
 
 # ----------------------------------------------------------------------------------------------- samples

@@ -6,10 +6,12 @@ Layout under OUT (docs/CONTRACTS.md, Output layout):
     OUT/_progress/{shard}/chunk-*.parquet   committed chunks of an unfinished shard
     OUT/_progress/{shard}.json        state per shard (a summary; chunks and data files are the truth)
 
-OUT may be a local directory or an object-store URI: s3:// (AWS or an S3-compatible endpoint, see
-`shards.s3_filesystem`) or another scheme pyarrow.fs understands. On a local filesystem a commit is
-write-to-temp then rename; on an object store it is a single PUT, which is atomic by itself (no rename,
-no directories).
+OUT may be a local directory or an object-store URL: s3:// (AWS or an S3-compatible endpoint), gs://, az:// or
+abfs(s):// (pipeline/storage.py: one fsspec filesystem each). On a local filesystem a commit is write-to-temp
+then rename, and an exclusive create a hard link (our own: no library does this commit protocol; pyarrow's
+local filesystem is the thin layer over the OS calls); on an object store a commit is a single PUT (or a
+multipart upload, visible only once complete), which is atomic by itself, and an exclusive create is the
+store's conditional PUT (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`, Azure `If-None-Match: *`).
 
 Every operation on the output goes through `OutputStore`, which turns a fault of the storage itself (full, over
 quota, read-only, no permission, no bucket: `storage_fault`) into `OutputStorageError` naming the path. No retry
@@ -20,13 +22,10 @@ after the fix resumes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import logging
 import os
-import re
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.manifest import StorageSpec
 from pipeline.retry import STORAGE_RETRIES
 from pipeline.rows import COLUMNS, SCHEMA, STATUSES  # noqa: F401  (the row's schema lives in pipeline/rows.py)
-from pipeline.shards import s3_endpoint, s3_filesystem
+from pipeline.storage import backend, filesystem, storage_fault  # noqa: F401  (storage_fault: its home is there)
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +47,6 @@ OLD_FLAGS_COLUMN = "flags"  # its former name: chunks and data files written wit
 
 META_CONFIG = b"pllava_recaption.config"
 META_FINGERPRINT = b"pllava_recaption.fingerprint"
-
-# What the output's storage answers when it cannot take writes at all, whatever shard is writing: full, over
-# quota, read-only, no permission, file too large for the file system.
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
-# The same on S3 and S3-compatible stores (AWS, MinIO, Ceph): error codes and HTTP statuses (403 refused,
-# 507 insufficient storage). Throttling and 5xx answers are not here: they pass, and a retry may succeed.
-S3_STORAGE_CODES = frozenset({
-    "AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "ExpiredToken", "InvalidToken", "NoSuchBucket", "InsufficientStorage", "QuotaExceeded",
-    "XMinioStorageFull", "XMinioAdminBucketQuotaExceeded",
-})
-S3_STORAGE_STATUSES = frozenset({403, 507})
-# pyarrow's S3 client raises OSError without an errno; the AWS error is in its message, e.g.
-# "AWS Error ACCESS_DENIED during PutObject operation: Access Denied (Request ID: …)"
-_PYARROW_S3_ERROR = re.compile(r"AWS Error (\w+)(?: \(HTTP status (\d+)\))? during (\w+) operation: ?(.*)", re.S)
-_PYARROW_S3_NAMES = frozenset({"ACCESS_DENIED", "NO_SUCH_BUCKET", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
-                               "EXPIRED_TOKEN"})
-
 
 class OutputStorageError(RuntimeError):
     """The output's storage refused an operation for a reason no retry of a shard fixes (`storage_fault`).
@@ -81,42 +62,6 @@ class OutputStorageError(RuntimeError):
         return f"cannot {self.action} {self.path}: {self.cause}"
 
 
-def storage_fault(error: BaseException) -> str | None:
-    """Why `error` is the output's storage refusing (a short cause: "No space left on device (ENOSPC)",
-    "AccessDenied: Access Denied"), or None when it is some other error."""
-    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
-        return f"{os.strerror(error.errno)} ({errno.errorcode[error.errno]})"
-    response = getattr(error, "response", None)  # botocore's ClientError (conditional creates, one-GET reads)
-    if isinstance(response, dict):
-        code = str((response.get("Error") or {}).get("Code") or "")
-        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-        if code in S3_STORAGE_CODES or status in S3_STORAGE_STATUSES:
-            message = (response.get("Error") or {}).get("Message") or ""
-            return f"{code or f'HTTP {status}'}: {message}".rstrip(": ")
-        return None
-    match = _PYARROW_S3_ERROR.search(str(error)) if isinstance(error, OSError) else None
-    if match is None:
-        return None
-    name, status, _, message = match.groups()
-    message = re.sub(r"\s*\(Request ID:.*$", "", message.strip(), flags=re.S)
-    message = re.sub(r"^Unable to parse ExceptionName: \S+ Message: ", "", message)  # a code the SDK does not know
-    code = next((c for c in sorted(S3_STORAGE_CODES) if c in str(error)), None)
-    if name in _PYARROW_S3_NAMES or code or (status and int(status) in S3_STORAGE_STATUSES):
-        return f"{code or name}{f' (HTTP {status})' if status else ''}: {message}".rstrip(": ")
-    return None
-
-
-def s3_client(storage: StorageSpec | None = None) -> Any:
-    """A boto3 S3 client with the same endpoint and region rules as `shards.s3_filesystem`, for what pyarrow
-    lacks: conditional creates (the lease, data files) and a read in one GET. Credentials: boto3's own chain."""
-    import boto3
-
-    endpoint, region = s3_endpoint(storage)
-    # A session of its own: boto3's default session resolves credentials once per process and keeps them, so a
-    # process whose environment changes (a long-lived actor, a test run) would sign with the first ones forever.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region)
-
-
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     for row in rows:
         missing = set(COLUMNS) - set(row)
@@ -126,36 +71,36 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 class OutputStore:
-    """The job's output root, local or on an object store, with atomic writes."""
+    """The job's output root, local or on an object store, with atomic writes.
+
+    `fs` is pyarrow's local filesystem for a local root, else the store's fsspec filesystem
+    (pipeline/storage.py); `root` is the path inside it (`bucket/prefix` on an object store)."""
 
     def __init__(self, root: str, storage: StorageSpec | None = None):
-        if root.startswith("s3://"):
-            # not FileSystem.from_uri: it ignores AWS_ENDPOINT_URL and asks AWS for the bucket's region
-            self.fs, self.root = s3_filesystem(storage), root[len("s3://"):].rstrip("/")
-            if not self.root:
-                raise ValueError(f"output {root!r} names no bucket")
-        elif "://" in root:
-            self.fs, self.root = pafs.FileSystem.from_uri(root)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))  # ~/out too
+        store = backend(root)
+        if store is not None and not store.writable:
+            raise ValueError(f"output {root!r}: {store.title} is read-only here (shards only)")
+        if store is None and "://" in root and not root.startswith("file://"):
+            raise ValueError(f"output {root!r}: unsupported scheme")
         self.uri = root
         self.storage = storage
-        self.is_local = self.fs.type_name == "local"
-        self._client: Any = None
-        self._client_lock = threading.Lock()
+        self.is_local = store is None
+        self.fs, self.root = self._filesystem()
+        if not self.is_local and not self.root:
+            raise ValueError(f"output {root!r} names no bucket")
+
+    def _filesystem(self) -> tuple[Any, str]:
+        if self.is_local:
+            _, path = filesystem(self.uri)  # ~/out and file:// resolved to an absolute path
+            return pafs.LocalFileSystem(), path
+        return filesystem(self.uri, self.storage)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_client_lock")}
+        return {k: v for k, v in self.__dict__.items() if k != "fs"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _client=None, _client_lock=threading.Lock())
-
-    def s3(self) -> Any:
-        """This store's boto3 client, made once (boto3's default session is not thread-safe to make it from)."""
-        with self._client_lock:
-            if self._client is None:
-                self._client = s3_client(self.storage)
-            return self._client
+        self.__dict__.update(state)
+        self.fs, _ = self._filesystem()  # an actor makes its own client (its node's credentials)
 
     # paths -------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -183,6 +128,8 @@ class OutputStore:
             raise
         except Exception as e:
             cause = storage_fault(e)
+            if cause is None and not self.is_local and action == "write" and isinstance(e, FileNotFoundError):
+                cause = f"no such bucket or container ({e})"  # object stores have no parent folders to miss
             if cause is None:
                 raise
             raise OutputStorageError(action, self.where(path), cause) from e
@@ -190,7 +137,13 @@ class OutputStore:
     # primitive operations ----------------------------------------------------------------------
     def exists(self, path: str) -> bool:
         with self._storage("read", path):
-            return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+            if self.is_local:
+                return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+            try:
+                self.fs.info(path)
+                return True
+            except FileNotFoundError:
+                return False
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """`path` holds `data` or what it held before, never a part of it, whenever the writer dies."""
@@ -209,10 +162,8 @@ class OutputStore:
                         raise
         else:
             # No parent directories on an object store, no rename: the object is visible only once its PUT
-            # (past 10 MiB, its multipart upload) completes. pyarrow completes an upload on close even when
-            # an exception interrupted the writing, so the bytes go in whole, in one write.
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
+            # (for a large one, its multipart or resumable upload) completes; the bytes go in whole, in one call.
+            self.fs.pipe_file(path, data)
 
     def _write_then_rename(self, parent: str, name: str, data: bytes) -> None:
         self.fs.create_dir(parent, recursive=True)
@@ -240,8 +191,9 @@ class OutputStore:
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Create `path` holding `data` only if it does not exist; False when it already does.
 
-        Local: a hard link of a complete temp file (atomic, fails on an existing name). S3: a PUT with
-        `If-None-Match: *` (boto3: pyarrow has no conditional writes). Other stores: check, then write.
+        Local: a hard link of a complete temp file (atomic, fails on an existing name). Object stores: the
+        store's conditional create through fsspec (`pipe_file(mode="create")`: S3 `If-None-Match: *`, GCS
+        `ifGenerationMatch=0`, Azure `If-None-Match: *`), which the store itself decides atomically.
         """
         with self._storage("write", path):
             return self._create_exclusive(path, data)
@@ -262,21 +214,15 @@ class OutputStore:
                 return False
             finally:
                 self._discard(tmp)
-        if self.fs.type_name == "s3":
-            from botocore.exceptions import ClientError
-
-            bucket, _, key = path.partition("/")
-            try:
-                self.s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-                return True
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    return False
-                raise
-        if self.exists(path):
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
             return False
-        self.write_atomic(path, data)
-        return True
+        except Exception as e:
+            if _precondition_failed(e):
+                return False
+            raise
 
     def link_exclusive(self, target: str, path: str) -> bool:
         """Local stores: make `path` a hard link to the existing file `target`, atomically; False when `path`
@@ -299,48 +245,54 @@ class OutputStore:
             return self._read_bytes(path)
 
     def _read_bytes(self, path: str) -> bytes | None:
-        if self.fs.type_name == "s3":
-            # One GET. pyarrow's input stream first HEADs the object for its size: two round trips for every
-            # small read, which `recaption status` pays once per shard.
-            from botocore.exceptions import ClientError
-
-            bucket, _, key = path.partition("/")
-            try:
-                return self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                    return None
-                raise
         try:
-            with self.fs.open_input_stream(path) as f:
-                return f.read()
+            if self.is_local:
+                with self.fs.open_input_stream(path) as f:
+                    return f.read()
+            return self.fs.cat_file(path)  # one GET (`recaption status` pays this once per shard)
         except FileNotFoundError:
             return None
 
     def list_files(self, directory: str, suffix: str = "") -> list[str]:
-        selector = pafs.FileSelector(directory, allow_not_found=True)
         with self._storage("list", directory):
-            infos = self.fs.get_file_info(selector)
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+            if self.is_local:
+                infos = self.fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+                return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+            try:
+                entries = self.fs.ls(directory, detail=True)
+            except FileNotFoundError:
+                return []
+        return sorted(e["name"] for e in entries if e.get("type") == "file" and e["name"].endswith(suffix))
 
     def list_tree(self, directory: str, suffix: str = "") -> list[str]:
-        """Every file under `directory`, at any depth: one listing (paged on S3), not one per folder."""
-        selector = pafs.FileSelector(directory, allow_not_found=True, recursive=True)
+        """Every file under `directory`, at any depth: one listing (paged on object stores), not one per folder."""
         with self._storage("list", directory):
-            infos = self.fs.get_file_info(selector)
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+            if self.is_local:
+                infos = self.fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True, recursive=True))
+                return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+            try:
+                paths = self.fs.find(directory)
+            except FileNotFoundError:
+                return []
+        return sorted(p for p in paths if p.endswith(suffix))
 
     def delete(self, path: str) -> None:
         with self._storage("delete", path):
             try:
-                self.fs.delete_file(path)
+                if self.is_local:
+                    self.fs.delete_file(path)
+                else:
+                    self.fs.rm_file(path)
             except FileNotFoundError:
                 pass
 
     def delete_dir(self, path: str) -> None:
         with self._storage("delete", path):
             try:
-                self.fs.delete_dir(path)
+                if self.is_local:
+                    self.fs.delete_dir(path)
+                else:
+                    self.fs.rm(self.list_tree(path))  # what is there now; an empty list deletes nothing
             except FileNotFoundError:
                 pass
 
@@ -435,13 +387,37 @@ class OutputStore:
         return self._read_table(path, columns)
 
     def _read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        with self._storage("read", path), self.fs.open_input_file(path) as f:
+        with self._storage("read", path), self._open_file(path) as f:
             names = pq.read_schema(f).names
             if OLD_FLAGS_COLUMN in names and FLAGS_COLUMN not in names:
                 # a file written before the rename (resuming an old unfinished output): read `flags`,
                 # hand it back as `caption_flags`
                 return _read_renamed(f, columns)
             return pq.read_table(f, columns=columns, schema=None if columns else SCHEMA)
+
+
+    def _open_file(self, path: str) -> Any:
+        """A random-access file for pyarrow: on an object store the whole object in one GET (a chunk or a data
+        file: parquet's footer-then-columns reads would each be a ranged GET)."""
+        if self.is_local:
+            return self.fs.open_input_file(path)
+        return pa.BufferReader(self.fs.cat_file(path))
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """A conditional create refused because the object exists, as a library raises it when it does not turn it
+    into FileExistsError (412 Precondition Failed; S3's 409 ConditionalRequestConflict for a racing create)."""
+    for e in (error, error.__cause__, error.__context__):
+        if e is None:
+            continue
+        response = getattr(e, "response", None)
+        code = (response.get("Error") or {}).get("Code") if isinstance(response, dict) else None
+        status = getattr(e, "status_code", None) or getattr(e, "code", None)
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            return True
+        if "PreconditionFailed" in str(e) or "Precondition Failed" in str(e):
+            return True
+    return False
 
 
 def _read_renamed(f: Any, columns: list[str] | None) -> pa.Table:

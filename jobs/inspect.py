@@ -30,6 +30,7 @@ from pipeline.frames import DecodeFailure, decord_reason, open_video, probe_vide
 from pipeline.progress import JOB_FILE, read_shard_list
 from pipeline.rows import COLUMNS, STATUSES
 from pipeline.shards import REDACTED, ShardReader, ShardReadError, expand_shard_spec, shard_name
+from pipeline.storage import StoreUnavailable
 from pipeline.writing import OutputStore
 
 DEFAULT_SAMPLE = 24
@@ -347,7 +348,7 @@ def _names(values: list[str] | None) -> set[str] | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="recaption inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("output", help="the job's output directory or s3:// URI")
+    p.add_argument("output", help="the job's output: a directory, or an s3://, gs://, az:// URL")
     p.add_argument("--html", required=True, type=Path, help="where to write the report")
     p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, metavar="N",
                    help=f"clips to show, a deterministic random sample (default {DEFAULT_SAMPLE}; 0: all)")
@@ -371,7 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     if statuses and statuses - set(STATUSES):
         p.error(f"unknown status {sorted(statuses - set(STATUSES))}; statuses are {', '.join(STATUSES)}")
 
-    store = OutputStore(args.output)
+    try:
+        store = OutputStore(args.output)
+    except (StoreUnavailable, ValueError) as e:  # a store library not installed, an hf:// or unknown scheme
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not store.exists(store.path(JOB_FILE)) and not store.exists(store.path("data")):
         print(f"error: {args.output} is not a job output (no {JOB_FILE})", file=sys.stderr)
         return 2

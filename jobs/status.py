@@ -23,6 +23,7 @@ from pipeline.progress import ERROR_REASONS, JOB_FILE, read_shard_list
 from pipeline.rows import top_reasons
 from pipeline.shards import expand_shard_spec, shard_name
 from pipeline.stats import COMMITTED, FLAGS, INPUT_FLAGS, MEMBERS_SKIPPED, REPAIRED
+from pipeline.storage import StoreUnavailable
 from pipeline.writing import OutputStorageError, OutputStore
 
 SHOWN_STATES = ("done", "running", "interrupted", "failed", "pending")
@@ -295,10 +296,14 @@ def _format_reasons(top: list[list[Any]], total: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("output", help="the job's output directory or s3:// URI")
+    p.add_argument("output", help="the job's output: a directory, or an s3://, gs://, az:// URL")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
-    store = OutputStore(args.output)
+    try:
+        store = OutputStore(args.output)
+    except (StoreUnavailable, ValueError) as e:  # a store library not installed, an hf:// or unknown scheme
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if not store.exists(store.path(JOB_FILE)) and not store.exists(store.path("data")):
             print(f"error: {args.output} is not a job output (no {JOB_FILE})", file=sys.stderr)

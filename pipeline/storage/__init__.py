@@ -133,8 +133,17 @@ def filesystem(url: str, storage: StorageSpec | None = None) -> tuple[Any, str]:
     problem = missing_library(url)
     if problem:
         raise StoreUnavailable(problem)
+    options = _options(b, storage)
     with _lock:  # the filesystems' own instance caches are not made for concurrent first calls
-        fs, path = fsspec.core.url_to_fs(url, **_options(b, storage))
+        if b is GCS and (options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")):
+            # An emulator or a private endpoint: gcsfs's plain JSON-API client. What fsspec registers for gs://
+            # may be gcsfs's ExtendedGcsFileSystem, which first asks the Storage Control gRPC API about each
+            # bucket; an emulator does not serve it, and every call would wait out a 60 s gRPC timeout.
+            from gcsfs.core import GCSFileSystem
+
+            fs = GCSFileSystem(**options)
+            return fs, fs._strip_protocol(url).rstrip("/")
+        fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path.rstrip("/")
 
 

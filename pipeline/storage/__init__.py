@@ -84,10 +84,12 @@ def s3_endpoint(storage: StorageSpec | None = None) -> tuple[str | None, str | N
 
 def _options(b: Backend, storage: StorageSpec | None) -> dict[str, Any]:
     """The filesystem's constructor arguments: where the store is, never who we are."""
-    # No listings cache: the output is listed to learn which chunks are committed, which must be the truth now.
     from pipeline.manifest import StorageSpec
 
-    options: dict[str, Any] = {"use_listings_cache": False}
+    # No listings cache: the output is listed to learn which chunks are committed, which must be the truth now.
+    # No instance cache: each store opened (an output store, a shard stream) gets a client made from the
+    # environment as it is then (rotated credentials, another emulator), not one frozen under the same arguments.
+    options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
     spec = storage or StorageSpec()
     if b is S3:
         endpoint, region = s3_endpoint(storage)
@@ -107,7 +109,7 @@ def _options(b: Backend, storage: StorageSpec | None) -> dict[str, Any]:
         if spec.azure.account:
             options["account_name"] = spec.azure.account
     elif b is HF:
-        options.pop("use_listings_cache")  # HfFileSystem caches revisions, not listings it must refresh
+        options.pop("use_listings_cache")  # HfFileSystem lists no output; its caches are of a read-only repo
         if spec.hf.endpoint_url:
             options["endpoint"] = spec.hf.endpoint_url
     return options
@@ -119,8 +121,8 @@ _lock = threading.Lock()
 def filesystem(url: str, storage: StorageSpec | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for `url`: a local path, file:// or an object-store URL.
 
-    fsspec keeps one instance per set of arguments (and per process: a Ray worker makes its own), so calling
-    this for every shard costs nothing after the first. Raises ``StoreUnavailable`` when the store's library
+    A new client each call (see `_options`): callers keep it for the store's lifetime (an OutputStore, a shard's
+    stream). Raises ``StoreUnavailable`` when the store's library
     is missing (one line naming the extra)."""
     import fsspec
 
@@ -139,9 +141,10 @@ def filesystem(url: str, storage: StorageSpec | None = None) -> tuple[Any, str]:
             # An emulator or a private endpoint: gcsfs's plain JSON-API client. What fsspec registers for gs://
             # may be gcsfs's ExtendedGcsFileSystem, which first asks the Storage Control gRPC API about each
             # bucket; an emulator does not serve it, and every call would wait out a 60 s gRPC timeout.
+            from fsspec.config import apply_config
             from gcsfs.core import GCSFileSystem
 
-            fs = GCSFileSystem(**options)
+            fs = GCSFileSystem(**apply_config(GCSFileSystem, options))  # FSSPEC_GCS_* as fsspec would apply them
             return fs, fs._strip_protocol(url).rstrip("/")
         fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path.rstrip("/")

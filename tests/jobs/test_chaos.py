@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -55,6 +56,18 @@ ACTOR_PID_RE = re.compile(r"ShardCaptioner pid=(\d+)|ShardCaptioner ready on pid
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChaosStore:
+    """An object store the rounds write their output to: `fs` is a pyarrow filesystem on it (the readers' view),
+    `storage` the manifest's storage section (may be empty: the environment says where the store is)."""
+
+    name: str
+    scheme: str
+    bucket: str
+    fs: pafs.FileSystem
+    storage: dict
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -290,20 +303,22 @@ def _wait_trigger(plan: dict, out: Out, driver: Driver) -> str:
 def _chaos_round(i: int, seed: int, ctx: dict) -> dict:
     rng = random.Random(f"{seed}-{i}")  # per round, so a timing-dependent draw cannot shift later rounds
     plan = _draw_round(rng, i, seed)
-    s3 = ctx.get("s3")
-    if s3 is None:
+    plan.update(ctx.get("plan", {}))  # a store's test fixes what its embedded Ray can take (tests/jobs/test_stores.py)
+    store: ChaosStore | None = ctx.get("store")
+    if store is None:
         out = Out.local(ctx["tmp"] / f"round{i}" / "out")
         storage = {}
-    else:  # the S3 (moto) server: the endpoint from the manifest, keys from the cluster's environment
+    else:  # an object store (moto, the GCS emulator, Azurite): keys from the processes' environment
         prefix = f"chaos-{seed}-{i}"
-        out = Out(f"s3://out/{prefix}", s3.fs, f"out/{prefix}", poll_s=0.1)
-        storage = {"storage": {"endpoint_url": s3.endpoint, "region": "us-east-1"}}
+        out = Out(f"{store.scheme}://{store.bucket}/{prefix}", store.fs, f"{store.bucket}/{prefix}", poll_s=0.1)
+        storage = {"storage": store.storage} if store.storage else {}
     manifest = write_manifest(
-        ctx["tmp"] / f"round{i}.yaml", shards=f"{ctx['shard_dir']}/{{00000..00003}}.tar", output=out.uri,
+        ctx["tmp"] / f"round{i}.yaml", shards=ctx.get("shards") or f"{ctx['shard_dir']}/{{00000..00003}}.tar",
+        output=out.uri,
         model=ctx["model"], chunk_size=plan["chunk_size"], generation={"batch_size": plan["batch_size"]},
         decode={"mode": plan["decode_mode"], "workers": 1},
         resources={"actors": plan["actors"], "num_cpus_per_actor": 1}, **storage)
-    record = {"round": i, "output": "s3" if s3 is not None else "local", **plan, "kills": [], "checks": []}
+    record = {"round": i, "output": store.name if store is not None else "local", **plan, "kills": [], "checks": []}
     t0 = time.monotonic()
     driver = Driver(manifest, ctx["env"], ctx["tmp"] / f"round{i}-run1.log")
     try:
@@ -427,8 +442,9 @@ def test_chaos_on_an_s3_output(ray_cluster, moto_s3, tiny_checkpoint, shards, tm
     conditional PUT, chunk folders prefixes; 0 lost, 0 duplicates there too. The cluster's workers have the
     test keys in their environment (tests/jobs/conftest.py), the endpoint comes from the manifest."""
     shard_dir, planted = shards
+    store = ChaosStore("s3", "s3", "out", moto_s3.fs, {"endpoint_url": moto_s3.endpoint, "region": "us-east-1"})
     ctx = {"tmp": tmp_path, "shard_dir": shard_dir, "planted": planted, "model": tiny_checkpoint,
-           "env": {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}, "s3": moto_s3}
+           "env": {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}, "store": store}
     _run_rounds(ctx, int(os.environ.get("CHAOS_S3_ROUNDS") or 2), _seed(), "s3")
 
 

@@ -345,11 +345,14 @@ def s3_env(monkeypatch):
 
 
 class FaultyS3Proxy:
-    """An HTTP proxy in front of moto. Requests for the shard object take faults from ``plan(method, range)``:
-    None (forward), ``("status", code)`` or ``("cut", n)`` (forward the headers, then only ``n`` body bytes)."""
+    """An HTTP proxy in front of a store's server (moto; the GCS and Azure emulators in tests/jobs/test_stores.py).
+    Requests for the shard object (`match(path)`: by default moto's path of s3://shards/panda/00000.tar) take
+    faults from ``plan(method, range)``: None (forward), ``("status", code)`` or ``("cut", n)`` (forward the
+    headers, then only ``n`` body bytes). The range is the Range header, or Azure's x-ms-range."""
 
-    def __init__(self, port: int, plan: Callable[[str, str | None], tuple[str, int] | None]):
-        self.port, self.plan = port, plan
+    def __init__(self, port: int, plan: Callable[[str, str | None], tuple[str, int] | None],
+                 match: Callable[[str], bool] = lambda path: path == "/shards/panda/00000.tar"):
+        self.port, self.plan, self.match = port, plan, match
         self.requests: list[tuple[str, str | None]] = []
         outer = self
 
@@ -359,7 +362,7 @@ class FaultyS3Proxy:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 outer.relay(self)
 
-            do_HEAD = do_PUT = do_GET  # noqa: N815
+            do_HEAD = do_PUT = do_POST = do_DELETE = do_GET  # noqa: N815
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -379,9 +382,10 @@ class FaultyS3Proxy:
 
     def relay(self, h: http.server.BaseHTTPRequestHandler) -> None:
         action = None
-        if h.path.split("?")[0] == "/shards/panda/00000.tar":
-            self.requests.append((h.command, h.headers.get("Range")))
-            action = self.plan(h.command, h.headers.get("Range"))
+        if self.match(h.path.split("?")[0]):
+            range_ = h.headers.get("Range") or h.headers.get("x-ms-range")
+            self.requests.append((h.command, range_))
+            action = self.plan(h.command, range_)
         length = int(h.headers.get("Content-Length") or 0)
         payload = h.rfile.read(length) if length else None
         if action and action[0] == "status":
@@ -400,9 +404,12 @@ class FaultyS3Proxy:
         finally:
             conn.close()
         h.send_response(response.status)
-        for name, value in response.getheaders():
-            if name.lower() not in ("connection", "transfer-encoding", "keep-alive", "date", "server"):
-                h.send_header(name, value)
+        headers = [(n, v) for n, v in response.getheaders()
+                   if n.lower() not in ("connection", "transfer-encoding", "keep-alive", "date", "server")]
+        if h.command != "HEAD" and not any(n.lower() == "content-length" for n, _ in headers):
+            headers.append(("Content-Length", str(len(body))))  # a chunked answer, relayed whole
+        for name, value in headers:
+            h.send_header(name, value)
         h.end_headers()
         if h.command == "HEAD":
             return

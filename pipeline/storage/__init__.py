@@ -186,6 +186,27 @@ def _chain(error: BaseException) -> list[BaseException]:
     return seen
 
 
+def http_status(error: BaseException) -> int | None:
+    """The HTTP status a store answered with, wherever the client keeps it (botocore's response dict, azure's
+    and gcsfs's error attributes, the response object huggingface_hub's errors carry), or None."""
+    for e in _chain(error):
+        status = _own_status(e)
+        if status is not None:
+            return status
+    return None
+
+
+def _own_status(e: BaseException) -> int | None:
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    else:
+        status = getattr(e, "status_code", None) or getattr(response, "status_code", None)
+        if status is None and type(e).__name__ == "HttpError":
+            status = getattr(e, "code", None)  # gcsfs's HttpError
+    return status if isinstance(status, int) else None
+
+
 def storage_fault(error: BaseException) -> str | None:
     """Why `error` is the store refusing for a reason no retry of a shard fixes (a short cause: "No space left
     on device (ENOSPC)", "AccessDenied: Access Denied", "HTTP 403: …"), or None when it is some other error.
@@ -206,9 +227,7 @@ def storage_fault(error: BaseException) -> str | None:
                 return f"{code or f'HTTP {status}'}: {message}".rstrip(": ")
             return None  # the store said what it was, and it is not a refusal (NoSuchKey, SlowDown, 412...)
         code = getattr(e, "error_code", None)  # azure.core's HttpResponseError
-        status = getattr(e, "status_code", None)
-        if status is None and type(e).__name__ == "HttpError":
-            status = getattr(e, "code", None)  # gcsfs's HttpError
+        status = _own_status(e)  # azure's, gcsfs's HttpError, huggingface_hub's HfHubHTTPError
         if (isinstance(code, str) and code in STORAGE_CODES) or (isinstance(status, int) and status in STORAGE_STATUSES):
             text = str(getattr(e, "message", None) or e).strip()
             label = code if isinstance(code, str) and code else f"HTTP {status}"

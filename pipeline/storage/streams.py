@@ -240,7 +240,10 @@ class _ResumableStream:
 
 
 def _describe(err: BaseException) -> str:
-    return str(err) or type(err).__name__  # e.g. http.client.RemoteDisconnected("") has no message
+    """The error in one line (some clients' messages run over several: the Hub's name the request and its id),
+    at most 500 characters; its type when it has no message (http.client.RemoteDisconnected(""))."""
+    text = " ".join(str(err).split())
+    return (text[:497] + "..." if len(text) > 500 else text) or type(err).__name__
 
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -334,14 +337,20 @@ class _StoreOpener:
     ETag / generation) ends the read instead of splicing two versions of the tar."""
 
     def __init__(self, url: str, storage: StorageSpec | None):
-        from pipeline.storage import filesystem
+        from pipeline.storage import HF, filesystem
 
         self.fs, self.path = filesystem(url, storage)
         self.safe = safe_url(url)
         self.version: str | None = None
+        self._hf = backend(url) is HF
+        # The Hub's cat_file reads through fsspec's read-ahead cache, which asks for 5 MiB past every range: exact
+        # ranges instead (the other stores' cat_file is one ranged GET and takes no such argument)
+        self._range_options = {"cache_type": "none"} if self._hf else {}
 
     def __call__(self, offset: int) -> tuple[BinaryIO, int | None]:
         try:
+            if self._hf and self.version is None:
+                self.path = _pin_hf_commit(self.fs, self.path)
             info = self.fs.info(self.path)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError) as err:
             raise ShardReadError(f"cannot open shard {self.safe}: {_describe(err)}") from err
@@ -361,13 +370,30 @@ class _StoreOpener:
 
     def _read_range(self, start: int, end: int) -> bytes:
         try:
-            return self.fs.cat_file(self.path, start=start, end=end)
+            return self.fs.cat_file(self.path, start=start, end=end, **self._range_options)
         except (FileNotFoundError, PermissionError) as err:
             raise ShardReadError(f"cannot read shard {self.safe}: {_describe(err)}") from err
         except Exception as err:
             if _final(err):
                 raise ShardReadError(f"cannot read shard {self.safe}: {_describe(err)}") from err
             raise _TransientError(_describe(err)) from err
+
+
+def _pin_hf_commit(fs: Any, path: str) -> str:
+    """`path` at the commit its revision (a branch: main) points to now. Every read of the shard then gets that
+    commit's bytes: a push during the read cannot splice two versions (the Hub serves a branch's newest file to
+    each request, and huggingface_hub retries a cut GET by itself, out of our sight)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_file_system import HfFileSystemResolvedRepositoryPath
+
+    resolved = fs.resolve_path(path)
+    if not isinstance(resolved, HfFileSystemResolvedRepositoryPath):
+        return path  # a Hub storage bucket: no commits
+    api = getattr(fs, "_api", None) or HfApi(endpoint=fs.endpoint, token=fs.token)
+    sha = api.repo_info(resolved.repo_id, repo_type=resolved.repo_type, revision=resolved.revision).sha
+    if not sha or sha == resolved.revision:
+        return path
+    return HfFileSystemResolvedRepositoryPath(resolved.repo_type, resolved.repo_id, sha, resolved.path_in_repo).unresolve()
 
 
 def _object_version(info: dict[str, Any]) -> str | None:
@@ -381,10 +407,11 @@ def _object_version(info: dict[str, Any]) -> str | None:
 
 
 def _final(err: BaseException) -> bool:
-    """A store's answer no retry changes: refused, no such bucket (see pipeline/storage.py)."""
-    from pipeline.storage import storage_fault
+    """A store's answer no retry changes: refused, no such bucket (pipeline/storage.storage_fault), or the object
+    gone (404/410 from a client that does not raise FileNotFoundError for it: huggingface_hub's HfHubHTTPError)."""
+    from pipeline.storage import http_status, storage_fault
 
-    return storage_fault(err) is not None
+    return storage_fault(err) is not None or http_status(err) in (404, 410)
 
 
 class _RangeReader:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,11 +103,16 @@ def test_shard_read_from_the_hub(hub, local_samples, shard_bytes) -> None:
     reader = ShardReader(URL, storage(hub))
     assert list(reader) == local_samples
     assert reader.incomplete is None and reader.samples_read == len(local_samples)
-    # one repo lookup, one listing of the shard's folder (info), one GET of the whole shard (8 MiB buffer)
+    # the repo lookup, main's commit (every read is pinned to it) and that commit's lookup, the listing of the
+    # shard's folder at that commit (info), one GET of the whole shard (8 MiB buffer)
+    sha = next(t.split("/tree/")[1].split("/")[0] for _, t, _ in hub.requests if "/tree/" in t)
+    assert re.fullmatch(r"[0-9a-f]{40}", sha), hub.requests
     assert [(m, t.split("?")[0]) for m, t, _ in hub.requests] == [
         ("GET", "/api/datasets/org/panda"),
-        ("GET", "/api/datasets/org/panda/tree/main/shards"),
-        ("GET", "/datasets/org/panda/resolve/main/shards/00000.tar"),
+        ("GET", "/api/datasets/org/panda/revision/main"),
+        ("GET", f"/api/datasets/org/panda/revision/{sha}"),
+        ("GET", f"/api/datasets/org/panda/tree/{sha}/shards"),
+        ("GET", f"/datasets/org/panda/resolve/{sha}/shards/00000.tar"),
     ]
     assert hub.gets() == [f"bytes=0-{len(shard_bytes) - 1}"]
 
@@ -176,7 +182,8 @@ def test_missing_file_or_repo_fails_at_once(hub) -> None:
         assert reason in str(err.value)
         assert reader.incomplete.startswith("cannot open shard")
     assert hub.gets() == [], "nothing was downloaded"
-    assert len(hub.requests) == 3  # panda: repo lookup and its shards/ listing; nope: the repo lookup (404)
+    # panda: the repo lookup, main's commit and its lookup, the shards/ listing; nope: the repo lookup (404)
+    assert len(hub.requests) == 5, hub.requests
 
 
 def test_preflight_and_manifest(hub) -> None:
@@ -192,14 +199,11 @@ def test_preflight_and_manifest(hub) -> None:
     assert "\n" not in str(err.value)
 
 
-# ------------------------------------------------------------------------- what hf:// reads do not do yet
-# Each of these states what the reader should do and fails today (strict: a fix makes them pass, and then the
-# marker must go). See the reason of each.
+# ------------------------------------------------------------------------- what the library alone would not do
+# A file replaced mid-read (reads are pinned to the commit main pointed to at open), a refusal of the file's GET
+# (final, not retried), exact ranges (no read-ahead): pipeline/storage/streams.py's _StoreOpener.
 
 
-@pytest.mark.xfail(strict=True, reason="HfFileSystem.info answers from its listing cache (the instance is kept "
-                   "by fsspec), so the version check of each reopen never sees a new blob id, and every ranged "
-                   "read asks for /resolve/main: a file replaced mid-read is spliced, not refused")
 def test_a_file_replaced_while_read_is_not_spliced(hub, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(streams, "STORE_READ_BUFFER_BYTES", 64 << 10)
     monkeypatch.setattr(hf_http, "time", SimpleNamespace(sleep=lambda seconds: None))
@@ -230,9 +234,6 @@ def test_a_file_replaced_while_read_is_not_spliced(hub, tmp_path, monkeypatch) -
     assert got == old, "the stream returned bytes of two versions of the file, and no error"
 
 
-@pytest.mark.xfail(strict=True, reason="a 401/403/404 answer to the file's GET is huggingface_hub's HfHubHTTPError "
-                   "(an OSError without errno, the status on .response.status_code): storage_fault does not see "
-                   "it, so the read is retried as if the connection had dropped")
 def test_a_refused_file_read_is_final(hub) -> None:
     hub.plan = lambda method, target, range_: ("status", 403) if "/resolve/" in target else None
     reader = ShardReader(URL, storage(hub), read_retries=2, retry_backoff_s=0.001)
@@ -241,8 +242,6 @@ def test_a_refused_file_read_is_final(hub) -> None:
     assert len(hub.gets()) == 1, "a refusal is not retried"
 
 
-@pytest.mark.xfail(strict=True, reason="HfFileSystem.cat_file reads through fsspec's read-ahead cache: each ranged "
-                   "read asks for its range plus 5 MiB (to the end of a small shard), and the extra is thrown away")
 def test_a_ranged_read_asks_for_its_range(hub, shard_bytes, monkeypatch) -> None:
     monkeypatch.setattr(streams, "STORE_READ_BUFFER_BYTES", 64 << 10)
     list(ShardReader(URL, storage(hub)))

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("manifest", help="YAML job spec (see manifests/)")
     p.add_argument("--shards", help="override the manifest's shards: path, URL, brace range; comma-separated list")
-    p.add_argument("--output", help="override the manifest's output directory or s3:// URI")
+    p.add_argument("--output", help="override the manifest's output: a directory, or an s3://, gs://, az:// URL")
     p.add_argument("--model", help="override model.path: local directory of a PLLaVA checkpoint")
     p.add_argument("--retry-failed", action="store_true", help="rerun only the shards marked failed")
     p.add_argument("--redo", type=_statuses, metavar="STATUSES",

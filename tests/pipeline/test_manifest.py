@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,16 @@ def test_shipped_manifests_load():
     real = load_manifest(REPO / "manifests/panda70m.yaml")
     assert real.shards[0].startswith("s3://") and "{00000..09999}" in real.shards[0]
     assert real.model.dtype == "bfloat16" and real.zh.mode == "translate"
+
+
+def test_the_shipped_manifests_gs_variant_is_a_valid_manifest(tmp_path):
+    """manifests/panda70m.yaml shows a gs:// variant in a comment: uncommented in place of the s3:// lines, it loads."""
+    text = (REPO / "manifests/panda70m.yaml").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith(("shards: s3://", "output: s3://"))]
+    lines = [line[4:] if line.startswith("#   ") and line[4:].split(":")[0] in ("shards", "output", "storage")
+             else line for line in lines]
+    m = load_manifest(write(tmp_path, "\n".join(lines) + "\n"))
+    assert m.shards[0].startswith("gs://") and m.output.startswith("gs://") and m.storage.gcs.project == "my-project"
 
 
 def test_defaults_and_single_shard_string():
@@ -199,3 +210,26 @@ def test_retry_policy_is_gathered_in_one_place():
     with pytest.raises(ManifestError, match="retry.watchdog_factor"):
         manifest_from_dict({**MINIMAL, "retry": {"watchdog_factor": 0}})
     assert fingerprint(m, "tiny@abc", "v1")[0] == fingerprint(manifest_from_dict(MINIMAL), "tiny@abc", "v1")[0]
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"output": "hf://datasets/org/name/out"}, "field 'output' is on the Hugging Face Hub"),
+    ({"output": "ftp://host/out"}, "field 'output' has the scheme ftp://"),
+    ({"storage": {"gcs": {"endpoint_url": "http://user:pw@127.0.0.1:9023"}}}, "field 'storage.gcs.endpoint_url' must not contain a user"),
+    ({"storage": {"azure": {"account": "DefaultEndpointsProtocol=https;AccountKey=abc"}}}, "field 'storage.azure.account'"),
+    ({"storage": {"gcs": {"projct": "p"}}}, "projct"),
+])
+def test_storage_settings_are_checked(changes, needle):
+    with pytest.raises(ManifestError, match=re.escape(needle)) as err:
+        manifest_from_dict({**MINIMAL, **changes})
+    assert "\n" not in str(err.value)
+
+
+def test_storage_sections_for_each_store():
+    m = manifest_from_dict({**MINIMAL, "output": "gs://bucket/out", "storage": {
+        "gcs": {"project": "my-project", "endpoint_url": "http://127.0.0.1:9023"}, "azure": {"account": "acct"},
+        "hf": {"endpoint_url": "https://hf-mirror.example.com"}}})
+    assert (m.storage.gcs.project, m.storage.azure.account, m.storage.hf.endpoint_url) == (
+        "my-project", "acct", "https://hf-mirror.example.com")
+    for output in ("az://container/out", "abfss://c@acct.dfs.core.windows.net/out", "s3://b/out", "file:///tmp/out"):
+        assert manifest_from_dict({**MINIMAL, "output": output}).output == output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import sys
 import threading
 
 import pytest
@@ -63,3 +64,26 @@ def test_the_first_remote_shard_must_answer(shard_files):
             check_shards([f"{base}/missing.tar", f"{base}/00000.tar"])
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("url, module, extra", [
+    ("gs://bucket/shards/00000.tar", "gcsfs", "gcs"),
+    ("az://container/shards/00000.tar", "adlfs", "azure"),
+    ("abfss://container@acct.dfs.core.windows.net/shards/00000.tar", "adlfs", "azure"),
+])
+def test_a_store_whose_library_is_missing_fails_at_preflight_naming_the_extra(monkeypatch, capsys, url, module,
+                                                                               extra):
+    """As on a machine without the extra installed (None in sys.modules is how Python marks a module absent)."""
+    from jobs.status import main as status_main
+    from pipeline.preflight import check_stores
+
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(SetupError) as shards:
+        check_stores([url], "/tmp/out")
+    assert str(shards.value).startswith("shards: ") and f"pip install 'pllava-recaption[{extra}]'" in str(shards.value)
+    with pytest.raises(SetupError, match=rf"^output: .*needs the {module} library.*\[{extra}\]'$"):
+        check_stores(["/data/00000.tar"], url.rsplit("/", 2)[0] + "/out")
+    check_stores(["/data/00000.tar", "https://example.com/00001.tar"], "/tmp/out")  # nothing to install for these
+    assert status_main([url.rsplit("/", 2)[0] + "/out"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and f"[{extra}]" in line

@@ -39,6 +39,7 @@ from pipeline.manifest import StorageSpec
 from pipeline.retry import STORAGE_RETRIES
 from pipeline.rows import COLUMNS, SCHEMA, STATUSES  # noqa: F401  (the row's schema lives in pipeline/rows.py)
 from pipeline.storage import backend, filesystem, storage_fault  # noqa: F401  (storage_fault: its home is there)
+from pipeline.storage.streams import redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ class OutputStore:
                 cause = f"no such bucket or container ({e})"  # object stores have no parent folders to miss
             if cause is None:
                 raise
-            raise OutputStorageError(action, self.where(path), cause) from e
+            # a store's message may quote a request URL (a SAS token, a signed query): never into logs or records
+            raise OutputStorageError(action, self.where(path), redact_urls(cause)) from e
 
     # primitive operations ----------------------------------------------------------------------
     def exists(self, path: str) -> bool:

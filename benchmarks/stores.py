@@ -33,9 +33,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported (tests/conftest.py)
 
 from jobs.status import collect_status  # noqa: E402
-from pipeline.progress import mark_done, mark_running, plan_shards, write_shard_list  # noqa: E402
+from pipeline.progress import plan_shards  # noqa: E402
 from pipeline.shards import ShardReader  # noqa: E402
-from pipeline.stats import Stats  # noqa: E402
 from pipeline.writing import COLUMNS, OutputStore  # noqa: E402
 
 
@@ -45,15 +44,10 @@ def rows(shard: str, n: int, first: int = 0) -> list[dict]:
 
 
 def fill(out: OutputStore, shards: int) -> list[str]:
+    from tests.jobs.test_output_view import write_finished_shards
+
     names = [f"{i:05d}" for i in range(shards)]
-    for name in names:
-        r = rows(name, 3)
-        mark_running(out, name, f"/shards/{name}.tar", 1, 123)
-        out.commit_chunk(name, r, 1)
-        stats = Stats()
-        stats.add_rows(r)
-        mark_done(out, name, out.finalize_shard(name, {}), None, 1.0, stats)
-    write_shard_list(out, [(n, f"/shards/{n}.tar") for n in names])
+    write_finished_shards(out, names)
     out.write_json(out.path("_job.json"), {"fingerprint": "bench", "manifest": {"shards": ["/x"]}})
     return names
 

@@ -45,6 +45,7 @@ from pipeline.storage.streams import (  # noqa: F401
     RETRY_BACKOFF_S,
     ShardReadError,
     ShardStreamError,
+    _skip,
     open_shard_stream,
     redact_urls,
     safe_url,
@@ -430,17 +431,6 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)
-
-
-def _skip(stream: BinaryIO, n: int) -> int:
-    """Read and drop ``n`` bytes (streams cannot seek); return how many were there."""
-    done = 0
-    while done < n:
-        chunk = stream.read(min(n - done, 1 << 20))
-        if not chunk:
-            break
-        done += len(chunk)
-    return done
 
 
 def _pax_path(data: bytes) -> str | None:

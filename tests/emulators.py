@@ -16,14 +16,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.moto_server import free_port
+from tests.moto_server import free_port, settled  # noqa: F401  (settled: the tests import it from here too)
 
 REPO = Path(__file__).resolve().parent.parent
 AZURITE_BLOB = REPO / ".cache" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
@@ -115,17 +115,6 @@ def azure_request_kinds(log: Path) -> list[str]:
         else:
             kinds.append(method)
     return kinds
-
-
-def settled(kinds: Callable[[Path], list[str]], log: Path) -> list[str]:
-    """`kinds(log)` once the log has stopped growing (Azurite writes a request's line once it has answered)."""
-    seen = kinds(log)
-    while True:
-        time.sleep(0.2)
-        again = kinds(log)
-        if len(again) == len(seen):
-            return again
-        seen = again
 
 
 def _tail(path: Path, n: int = 2000) -> str:

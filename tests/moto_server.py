@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # werkzeug colours some request lines (4xx, 206)
@@ -29,15 +29,21 @@ def request_kinds(log: Path) -> list[str]:
     return kinds
 
 
-def settled_requests(log: Path) -> list[str]:
-    """`request_kinds` once the log has stopped growing (the server writes a line after each answer)."""
-    kinds = request_kinds(log)
+def settled(kinds: Callable[[Path], list[str]], log: Path) -> list[str]:
+    """`kinds(log)` once the log has stopped growing (a server writes a request's line once it has answered):
+    moto's `request_kinds`, the emulators' (tests/emulators.py)."""
+    seen = kinds(log)
     while True:
         time.sleep(0.2)
-        again = request_kinds(log)
-        if len(again) == len(kinds):
+        again = kinds(log)
+        if len(again) == len(seen):
             return again
-        kinds = again
+        seen = again
+
+
+def settled_requests(log: Path) -> list[str]:
+    """`request_kinds` once moto's log has stopped growing."""
+    return settled(request_kinds, log)
 
 
 def free_port() -> int:

@@ -447,7 +447,7 @@ class _RangeReader:
 
 
 def _skip(stream: BinaryIO, n: int) -> int:
-    """Read and drop ``n`` bytes; return how many were there."""
+    """Read and drop ``n`` bytes (streams cannot seek); return how many were there."""
     done = 0
     while done < n:
         chunk = stream.read(min(n - done, 1 << 20))

@@ -41,6 +41,23 @@ def _rows(shard: str, n: int) -> list[dict]:
     return rows
 
 
+def write_finished_shards(store: OutputStore, names: list[str], rows_per_shard: int = 3) -> None:
+    """Each shard run as the job runs it (a running record, a chunk, the finalize, the done record), then the
+    shard list: an output to measure status and planning on (here, tests/jobs/test_s3.py, test_stores.py,
+    benchmarks/stores.py)."""
+    from pipeline.progress import mark_done, mark_running, write_shard_list
+    from pipeline.stats import Stats
+
+    for name in names:
+        rows = _rows(name, rows_per_shard)
+        mark_running(store, name, f"/shards/{name}.tar", 1, 123)
+        store.commit_chunk(name, rows, 1)
+        stats = Stats()
+        stats.add_rows(rows)
+        mark_done(store, name, store.finalize_shard(name, {}), None, 1.0, stats)
+    write_shard_list(store, [(n, f"/shards/{n}.tar") for n in names])
+
+
 class Counting:
     """The real filesystem, its calls counted: listings (a FileSelector), single-path infos, opened files."""
 

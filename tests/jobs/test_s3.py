@@ -385,20 +385,12 @@ def test_status_reads_one_get_per_shard_and_planning_only_lists_on_s3(s3, s3_pro
     in one GET (pyarrow's input stream would HEAD first) and opens no data file; planning a finished output
     only lists."""
     from jobs.status import collect_status
-    from pipeline.progress import mark_done, mark_running, plan_shards, write_shard_list
-    from pipeline.stats import Stats
-    from tests.jobs.test_output_view import _rows
+    from pipeline.progress import plan_shards
+    from tests.jobs.test_output_view import write_finished_shards
 
     store = OutputStore("s3://unit/many")
     names = [f"{i:05d}" for i in range(12)]
-    for name in names:
-        rows = _rows(name, 3)
-        mark_running(store, name, f"/shards/{name}.tar", 1, 123)
-        store.commit_chunk(name, rows, 1)
-        stats = Stats()
-        stats.add_rows(rows)
-        mark_done(store, name, store.finalize_shard(name, {}), None, 1.0, stats)
-    write_shard_list(store, [(n, f"/shards/{n}.tar") for n in names])
+    write_finished_shards(store, names)
 
     before = len(settled_requests(s3.log))
     report = collect_status(OutputStore("s3://unit/many"))

@@ -273,22 +273,14 @@ def test_shard_stream_cut_mid_body_resumes_at_the_byte_reached(store_env, name, 
 @pytest.mark.parametrize("name", STORES)
 def test_status_reads_one_get_per_shard_and_planning_only_lists(store_env, name):
     from jobs.status import collect_status
-    from pipeline.progress import mark_done, mark_running, plan_shards, write_shard_list
-    from pipeline.stats import Stats
-    from tests.jobs.test_output_view import _rows
+    from pipeline.progress import plan_shards
+    from tests.jobs.test_output_view import write_finished_shards
 
     store = store_env[name]
     root = store.url(f"unit/many-{name}")
     out = OutputStore(root)
     names = [f"{i:05d}" for i in range(12)]
-    for shard in names:
-        rows = _rows(shard, 3)
-        mark_running(out, shard, f"/shards/{shard}.tar", 1, 123)
-        out.commit_chunk(shard, rows, 1)
-        stats = Stats()
-        stats.add_rows(rows)
-        mark_done(out, shard, out.finalize_shard(shard, {}), None, 1.0, stats)
-    write_shard_list(out, [(n, f"/shards/{n}.tar") for n in names])
+    write_finished_shards(out, names)
 
     before = len(store.requests())
     report = collect_status(OutputStore(root))

@@ -23,6 +23,23 @@ def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shard_bytes(shards_dir: Path) -> bytes:
+    """The first shard as a remote store holds it (the transport tests upload or serve it)."""
+    return (shards_dir / "00000.tar").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def local_samples(shards_dir: Path) -> list:
+    """The first shard's samples read from the local file: what every remote read of it must give."""
+    from pipeline.shards import ShardReader
+
+    reader = ShardReader(str(shards_dir / "00000.tar"))
+    samples = list(reader)
+    assert reader.incomplete is None and reader.samples_read == len(samples) > 5
+    return samples
+
+
+@pytest.fixture(scope="session")
 def planted(shards_dir: Path) -> dict[str, dict[str, str]]:
     import json
 

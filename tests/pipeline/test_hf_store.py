@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.manifest import HfStorageSpec, ManifestError, StorageSpec, manifest_from_dict
 from pipeline.preflight import SetupError, check_shards
-from pipeline.shards import Sample, ShardReader, ShardReadError
+from pipeline.shards import ShardReader, ShardReadError
 from pipeline.storage import filesystem, streams
 from tests.hf_hub_server import HfHub, git_blob_id, hf_hub_server
 
@@ -29,19 +29,6 @@ from huggingface_hub.utils import _http as hf_http  # noqa: E402
 
 URL = "hf://datasets/org/panda/shards/00000.tar"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def shard_bytes(shards_dir: Path) -> bytes:
-    return (shards_dir / "00000.tar").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def local_samples(shards_dir: Path) -> list[Sample]:
-    reader = ShardReader(str(shards_dir / "00000.tar"))
-    samples = list(reader)
-    assert reader.incomplete is None and reader.samples_read == len(samples) > 5
-    return samples
 
 
 @pytest.fixture(scope="module")

@@ -31,19 +31,6 @@ from tests.moto_server import moto_server
 FAST = {"retry_backoff_s": 0.001}
 
 
-@pytest.fixture(scope="module")
-def shard_bytes(shards_dir: Path) -> bytes:
-    return (shards_dir / "00000.tar").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def local_samples(shards_dir: Path) -> list[Sample]:
-    reader = ShardReader(str(shards_dir / "00000.tar"))
-    samples = list(reader)
-    assert reader.incomplete is None and reader.samples_read == len(samples) > 5
-    return samples
-
-
 def read_all(reader: ShardReader) -> list[Sample]:
     samples = list(reader)
     assert reader.samples_read == len(samples)

@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.moto_server import free_port, settled  # noqa: F401  (settled: the tests import it from here too)
+from tests.moto_server import free_port, serving, settled  # noqa: F401  (settled: the tests import it from here too)
 
 REPO = Path(__file__).resolve().parent.parent
 AZURITE_BLOB = REPO / ".cache" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
@@ -117,41 +114,6 @@ def azure_request_kinds(log: Path) -> list[str]:
     return kinds
 
 
-def _tail(path: Path, n: int = 2000) -> str:
-    try:
-        return path.read_bytes()[-n:].decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-@contextlib.contextmanager
-def _serving(argv: list[str], port: int, log_path: Path, what: str, env: dict[str, str] | None = None,
-             cwd: Path | None = None) -> Iterator[None]:
-    """Start argv with stdout and stderr to log_path, wait until 127.0.0.1:port accepts, yield, stop it."""
-    log = log_path.open("wb")
-    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"{what} did not start (exit status {server.poll()}); its log {log_path} ends:\n"
-                                f"{_tail(log_path)}", pytrace=False)
-                time.sleep(0.1)
-        yield
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=30)
-        log.close()
-
-
 @contextlib.contextmanager
 def gcs_server(log_dir: Path) -> Iterator[GcsEndpoint]:
     """Start gcp-storage-emulator (in memory) on a free loopback port, yield its GcsEndpoint, stop it.
@@ -168,7 +130,7 @@ def gcs_server(log_dir: Path) -> Iterator[GcsEndpoint]:
     log_path = log_dir / "gcs.log"
     argv = [str(Path(sys.executable).parent / "gcp-storage-emulator"), "start", "--host", "127.0.0.1",
             "--port", str(port), "--in-memory"]
-    with _serving(argv, port, log_path, "gcp-storage-emulator", env={**os.environ, "PYTHONUNBUFFERED": "1"}):
+    with serving(argv, port, log_path, "gcp-storage-emulator", env={**os.environ, "PYTHONUNBUFFERED": "1"}):
         yield GcsEndpoint(
             endpoint=endpoint,
             log=log_path,
@@ -193,7 +155,7 @@ def azurite_server(log_dir: Path) -> Iterator[AzureEndpoint]:
     log_path, debug_log = log_dir / "azurite.log", log_dir / "azurite-debug.log"
     argv = [str(AZURITE_BLOB), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
             "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--debug", str(debug_log)]
-    with _serving(argv, port, log_path, "azurite-blob", cwd=log_dir):
+    with serving(argv, port, log_path, "azurite-blob", cwd=log_dir):
         yield AzureEndpoint(
             endpoint=blob_endpoint,
             connection_string=connection_string,

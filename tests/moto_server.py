@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # werkzeug colours some request lines (4xx, 206)
 REQUEST_LINE = re.compile(r'"(GET|PUT|HEAD|POST|DELETE) (\S+) HTTP/[\d.]+" (\d{3})')
 
@@ -52,13 +54,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_bytes()[-n:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 @contextlib.contextmanager
-def moto_server(log_dir: Path) -> Iterator[int]:
-    """Start `moto_server` on a free loopback port, wait until it answers, yield the port, stop it."""
-    port = free_port()
-    log = (log_dir / "moto.log").open("wb")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+def serving(argv: list[str], port: int, log_path: Path, what: str, env: dict[str, str] | None = None,
+             cwd: Path | None = None) -> Iterator[None]:
+    """Start argv with stdout and stderr to log_path, wait until 127.0.0.1:port accepts, yield, stop it."""
+    log = log_path.open("wb")
+    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     try:
         deadline = time.time() + 60
         while True:
@@ -66,10 +74,25 @@ def moto_server(log_dir: Path) -> Iterator[int]:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
-                assert server.poll() is None and time.time() < deadline, "moto_server did not start"
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"{what} did not start (exit status {server.poll()}); its log {log_path} ends:\n"
+                                f"{_tail(log_path)}", pytrace=False)
                 time.sleep(0.1)
-        yield port
+        yield
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
         log.close()
+
+
+@contextlib.contextmanager
+def moto_server(log_dir: Path) -> Iterator[int]:
+    """Start `moto_server` on a free loopback port, wait until it answers, yield the port, stop it."""
+    port = free_port()
+    argv = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with serving(argv, port, log_dir / "moto.log", "moto_server"):
+        yield port

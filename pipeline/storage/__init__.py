@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import logging
 import os
 import threading
 import urllib.parse
@@ -103,6 +104,10 @@ def _options(b: Backend, storage: StorageSpec | None) -> dict[str, Any]:
         # gcsfs reads STORAGE_EMULATOR_HOST itself; a manifest endpoint (a private mirror, an emulator) wins
         if spec.gcs.endpoint_url:
             options["endpoint_url"] = spec.gcs.endpoint_url
+        elif os.environ.get("STORAGE_EMULATOR_HOST"):
+            # as Google's own client does with an emulator: no credentials (else gcsfs first looks for Application
+            # Default Credentials and the metadata server, and warns on every client it makes)
+            options["token"] = "anon"
         if spec.gcs.project:
             options["project"] = spec.gcs.project
     elif b is AZURE:
@@ -136,6 +141,10 @@ def filesystem(url: str, storage: StorageSpec | None = None) -> tuple[Any, str]:
     if problem:
         raise StoreUnavailable(problem)
     options = _options(b, storage)
+    if b is AZURE and logging.getLogger("azure").level == logging.NOTSET:
+        # azure.core logs every request and response, headers and all, at INFO: dozens of lines per shard in the
+        # job's log. Its warnings stay; a user who set the azure loggers' level keeps theirs.
+        logging.getLogger("azure").setLevel(logging.WARNING)
     with _lock:  # the filesystems' own instance caches are not made for concurrent first calls
         if b is GCS and (options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")):
             # An emulator or a private endpoint: gcsfs's plain JSON-API client. What fsspec registers for gs://

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import tarfile
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -324,3 +325,21 @@ def _seed() -> int:
     import random
 
     return random.SystemRandom().randrange(2**32)
+
+
+@pytest.mark.parametrize("name", STORES)
+def test_an_empty_or_cut_shard_on_the_store_is_incomplete(store_env, name, shard_source):
+    """A 0-byte object and one cut at a member boundary (an upload that stopped): what was read is kept, the
+    shard is never complete (its attempt fails with the reason), as for a local file."""
+    store = store_env[name]
+    src, _ = shard_source
+    data = (src / "00000.tar").read_bytes()
+    with tarfile.open(src / "00000.tar") as tar:
+        boundary = tar.getmembers()[3].offset
+    store.fs.pipe_file("shards/cut/empty.tar", b"")
+    store.fs.pipe_file("shards/cut/boundary.tar", data[:boundary])
+    empty = ShardReader(store.url("shards/cut/empty.tar"))
+    assert list(empty) == [] and empty.incomplete == "shard is empty (0 bytes)"
+    cut = ShardReader(store.url("shards/cut/boundary.tar"))
+    samples = list(cut)
+    assert samples and cut.incomplete == f"shard ends at byte {boundary} without an end-of-archive block"

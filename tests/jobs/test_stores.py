@@ -319,6 +319,15 @@ def test_job_on_the_store_killed_and_rerun_writes_every_key_once(stores, name, t
     (record,) = summary["per_round"]
     assert record["runs"] == 2 and record["kills"][0]["what"] == "driver+worker", record
     assert summary["lost"] == 0 and summary["duplicates"] == 0
+    # the store's secret (Azurite's account key, in the connection string) is in no object and no log line
+    secret = re.search(r"AccountKey=([^;]+)", store.env.get("AZURE_STORAGE_CONNECTION_STRING", ""))
+    if secret:
+        objects = store.fs.find("out")
+        assert any(p.endswith("/_job.json") for p in objects), objects
+        for path in objects:
+            assert secret.group(1).encode() not in store.fs.cat_file(path), path
+        logs = list(tmp_path.glob("*.log"))
+        assert logs and not any(secret.group(1) in log.read_text(errors="replace") for log in logs)
 
 
 def _seed() -> int:

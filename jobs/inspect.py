@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from model.describe import evenly_spaced
 from pipeline.frames import DecodeFailure, decord_reason, open_video, probe_video
+from pipeline.manifest import StorageSpec
 from pipeline.progress import JOB_FILE, read_shard_list
 from pipeline.rows import COLUMNS, STATUSES
 from pipeline.shards import REDACTED, ShardReader, ShardReadError, expand_shard_spec, shard_name
@@ -216,7 +217,19 @@ def decode_thumbnails(mp4: bytes, row: dict[str, Any]) -> list[tuple[int, bytes]
     return [(index, encode_jpeg(frame)) for index, frame in zip(picked, frames)]
 
 
-def fill_thumbnails(cards: list[Card], url: str | None) -> None:
+def job_storage(store: OutputStore) -> StorageSpec | None:
+    """Where the job's stores are (the recorded manifest's `storage:`: endpoints, region, project, account; no
+    credentials), so shards are read from where the job read them; None when not recorded or unreadable."""
+    from pipeline.manifest import ManifestError, manifest_from_dict
+
+    job = store.read_json(store.path(JOB_FILE)) or {}
+    try:
+        return manifest_from_dict(job["manifest"]).storage
+    except (KeyError, TypeError, ManifestError):
+        return None
+
+
+def fill_thumbnails(cards: list[Card], url: str | None, storage: StorageSpec | None = None) -> None:
     """Decode the thumbnails of one shard's cards, reading the shard once and only as far as needed."""
     wanted = {card.row["key"]: card for card in cards if card.row["frame_indices"]}
     if not wanted:
@@ -230,7 +243,7 @@ def fill_thumbnails(cards: list[Card], url: str | None) -> None:
             card.no_frames = (f"shard not readable: {url} is recorded without its credentials; give its URL "
                               "with --shards")
         return
-    samples = iter(ShardReader(url))
+    samples = iter(ShardReader(url, storage))
     try:
         for sample in samples:
             card = wanted.pop(sample.key, None)
@@ -397,12 +410,13 @@ def main(argv: list[str] | None = None) -> int:
 
     urls = shard_urls(store, [s.strip() for s in args.shards.split(",") if s.strip()] if args.shards else None)
     cards: dict[tuple[str, str], Card] = {}
+    storage = job_storage(store)
     for name in sorted({shard for shard, _ in chosen}):
         keys = {key for shard, key in chosen if shard == name}
         shard_cards = [Card(row) for row in read_shard_rows(store, name, files[name],
                                                             lambda path: read_columns(store, path, CARD_COLUMNS))
                        if row["key"] in keys]
-        fill_thumbnails(shard_cards, urls.get(name))
+        fill_thumbnails(shard_cards, urls.get(name), storage)
         cards.update(((name, card.row["key"]), card) for card in shard_cards)
     shown = [cards[pair] for pair in chosen if pair in cards]
 

@@ -423,3 +423,20 @@ def test_unfinished_shards_show_their_committed_rows(job_output, all_rows, tmp_p
     merged = pq.read_table(out / "data" / "00001.parquet").to_pylist()
     assert sorted(r["key"] for r in merged) == sorted(c["key"] for c in only)
     assert "a later attempt's caption" not in {r["caption_en"] for r in merged}
+
+
+def test_shards_are_read_where_the_job_read_them(tmp_path):
+    """The recorded manifest's storage section (an S3 endpoint, a GCS project; never credentials) is what
+    inspect reads the shards with; an output without a readable record falls back to the environment."""
+    from jobs.inspect import job_storage
+    from pipeline.manifest import manifest_from_dict
+    from pipeline.writing import OutputStore
+
+    store = OutputStore(str(tmp_path / "out"))
+    assert job_storage(store) is None
+    m = manifest_from_dict({"shards": "gs://b/{00000..00001}.tar", "output": "gs://b/out", "model": {"path": "/m"},
+                            "storage": {"endpoint_url": "http://minio:9000", "gcs": {"project": "proj"}}})
+    store.write_json(store.path("_job.json"), {"fingerprint": "f", "manifest": m.to_dict()})
+    assert job_storage(store) == m.storage
+    store.write_json(store.path("_job.json"), {"manifest": {"shards": 3}})
+    assert job_storage(store) is None

@@ -28,7 +28,7 @@ def test_status_reports_top_reasons_from_progress_records_alone(tmp_path, monkey
     def no_parquet(*a, **k):
         raise AssertionError("status read Parquet for the error reasons")
 
-    monkeypatch.setattr("jobs.status.pq.read_table", no_parquet)
+    monkeypatch.setattr("pyarrow.parquet.read_table", no_parquet)  # whoever reads it
     report = collect_status(store, ["a", "b", "c"])
     assert report["top_error_reasons"] == [["source: HTTP Error 403", 5], ["decode: could not read the mp4 container", 3],
                                            ["other", 2], ["caption: model error", 1]]
@@ -64,7 +64,7 @@ def test_status_reports_input_problems_and_skipped_members_from_records_alone(tm
     def no_parquet(*a, **k):
         raise AssertionError("status read Parquet for the input counts")
 
-    monkeypatch.setattr("jobs.status.pq.read_table", no_parquet)
+    monkeypatch.setattr("pyarrow.parquet.read_table", no_parquet)  # whoever reads it
     report = collect_status(store, ["a", "b", "c"])
     assert report["input_flags"] == {"key_normalised": 2, "json_invalid": 1, "json_not_utf8": 1}
     assert report["members_skipped"] == {"not a regular file": 1, "not .mp4/.json/.txt": 3}

@@ -32,11 +32,22 @@ def vllm_checkpoint(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-pllava-hd32", seed=0, head_dim=32)
 
 
-def vllm_processes(pid: int) -> list[psutil.Process]:
-    """The processes vLLM started under `pid` (it names them VLLM::EngineCore, VLLM::Worker...)."""
+def vllm_processes(exclude: set[int] = frozenset()) -> list[psutil.Process]:
+    """vLLM's own processes on this machine (it names them VLLM::EngineCore, VLLM::Worker...; as Ray workers,
+    RayWorkerWrapper), but those in `exclude` (there before the test). Looked for by name, not as the actor's
+    children: where vLLM starts them depends on how it finds Ray (under the actor, or as Ray workers beside it)."""
+    found = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        name, cmd = p.info["name"] or "", " ".join(p.info["cmdline"] or [])
+        if p.info["pid"] not in exclude and (name.startswith("VLLM") or "RayWorkerWrapper" in cmd):
+            found.append(p)
+    return found
+
+
+def children(pid: int) -> list[tuple[int, str, str]]:
     try:
-        return [p for p in psutil.Process(pid).children(recursive=True) if p.name().startswith("VLLM")]
-    except psutil.NoSuchProcess:
+        return [(p.pid, p.name(), " ".join(p.cmdline())[:120]) for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
         return []
 
 
@@ -47,6 +58,7 @@ def test_vllm_job_killed_and_rerun_has_every_key_once(ray_cluster, vllm_checkpoi
                               model=vllm_checkpoint, chunk_size=1, generation=VLLM,
                               resources={"actors": 1, "num_cpus_per_actor": 1})
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["gcs"]}
+    before = {p.pid for p in vllm_processes()}  # another test's, or a user's: not ours to check or stop
     driver = subprocess.Popen([sys.executable, "-m", "jobs.recaption", str(manifest)], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     engine_procs: list[psutil.Process] = []
@@ -55,23 +67,23 @@ def test_vllm_job_killed_and_rerun_has_every_key_once(ray_cluster, vllm_checkpoi
             for shard in SHARDS:
                 state = shard_state(out, shard)
                 chunks = list((out / "_progress" / shard).glob("chunk-*.parquet"))
-                if state and state.get("state") == "running" and state.get("pid") and chunks:
+                if state and state.get("state") == "running" and psutil.pid_exists(state.get("pid") or 0) and chunks:
                     return shard, state["pid"]
             return None
 
-        shard, pid = wait_for(running_with_chunk, 600, "a running shard with a committed chunk")
-        # The engine core under the actor, to check it dies with it. Found alone and beside its neighbours, but
-        # not in two full-suite runs on a loaded machine (the actor's children showed no VLLM process; cause not
-        # found): then only the record and the log below say the job ran vLLM, and the kill is the actor's.
-        engine_procs = []
-        deadline = time.monotonic() + 60
-        while not engine_procs and time.monotonic() < deadline:
-            engine_procs = vllm_processes(pid)
-            time.sleep(0.5)
+        _, actor = wait_for(running_with_chunk, 600, "a running shard with a committed chunk")
+        # vLLM's engine processes, to check they die with the job (on a real node they would hold the GPU)
+        deadline = time.monotonic() + 30
+        while not (engine_procs := vllm_processes(before)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert engine_procs, f"no vLLM process found; the actor's children: {children(actor)}"
+        running = running_with_chunk()  # the actor now, a moment later: the shard it is on must still be running
+        assert running, "the job finished before the kill: nothing was killed mid-shard"
+        shard, pid = running
         driver.send_signal(signal.SIGKILL)
         os.kill(pid, signal.SIGKILL)
         driver.wait(timeout=60)
-        # vLLM's engine core notices its parent's death and exits (else it would hold the GPU on a real node)
+        # vLLM's engine processes notice the actor's (or the job's) death and exit
         _, alive = psutil.wait_procs(engine_procs, timeout=60)
         assert not alive, f"vLLM processes outlived their killed actor: {[(p.pid, p.name()) for p in alive]}"
     finally:

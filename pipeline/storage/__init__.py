@@ -127,8 +127,7 @@ def filesystem(url: str, storage: StorageSpec | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for `url`: a local path, file:// or an object-store URL.
 
     A new client each call (see `_options`): callers keep it for the store's lifetime (an OutputStore, a shard's
-    stream). Raises ``StoreUnavailable`` when the store's library
-    is missing (one line naming the extra)."""
+    stream). Raises ``StoreUnavailable`` when the store's library is missing (one line naming the extra)."""
     import fsspec
 
     b = backend(url)
@@ -145,7 +144,7 @@ def filesystem(url: str, storage: StorageSpec | None = None) -> tuple[Any, str]:
         # azure.core logs every request and response, headers and all, at INFO: dozens of lines per shard in the
         # job's log. Its warnings stay; a user who set the azure loggers' level keeps theirs.
         logging.getLogger("azure").setLevel(logging.WARNING)
-    with _lock:  # the filesystems' own instance caches are not made for concurrent first calls
+    with _lock:  # an actor's shard threads may open stores at once: a library's first use (imports) one at a time
         if b is GCS and (options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")):
             # An emulator or a private endpoint: gcsfs's plain JSON-API client. What fsspec registers for gs://
             # may be gcsfs's ExtendedGcsFileSystem, which first asks the Storage Control gRPC API about each
